@@ -1,0 +1,368 @@
+//! The `wharf` command line: a thin layer over `wharf-format`.
+
+mod demo;
+mod progress;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::HumanBytes;
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use wharf_format::chunker::ChunkParams;
+use wharf_format::ingest::{self, AddOptions};
+use wharf_format::store::{Store, StoreConfig};
+use wharf_format::{extract, maintenance};
+
+#[derive(Parser)]
+#[command(
+    name = "wharf",
+    version,
+    about = "Store and move Docker image tars by content: only new bytes are kept or sent, and every image rebuilds byte-identical.",
+    long_about = "wharf splits `docker save` tars into content-defined chunks (keeping tar headers apart \
+from file contents, layer by layer), stores each chunk once, compressed, in a pack store, and rebuilds \
+the exact tar on demand, verified end to end.\n\n\
+Typical use:\n  wharf init\n  docker save app:v1 | wharf add - --name app:v1\n  wharf add app-v2.tar --name app:v2     \
+# stores only what v1 did not have\n  wharf extract app:v2 -o - | docker load\n\n\
+Try `wharf demo` for a self-contained run that needs no Docker."
+)]
+struct Cli {
+    /// The store directory. Default: $WHARF_STORE, else $XDG_DATA_HOME/wharf, else ~/.local/share/wharf.
+    #[arg(long, global = true, env = "WHARF_STORE")]
+    store: Option<PathBuf>,
+
+    /// Print machine-readable JSON on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// No progress bars, even on a terminal.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create an empty store.
+    Init {
+        /// Average chunk size in KiB (a power of two; min is a quarter, max four times).
+        #[arg(long, default_value_t = ChunkParams::DEFAULT.avg / 1024)]
+        avg_chunk_kib: u32,
+        /// zstd level for new chunks (1-22): higher is smaller and slower to add; extract speed barely changes.
+        #[arg(long, default_value_t = 3)]
+        zstd_level: i32,
+    },
+    /// Store an image tar (from `docker save`) under a name. Reads a file, or stdin with `-`.
+    Add {
+        /// The tar file, or `-` for stdin.
+        input: String,
+        /// The name to store it under, e.g. `pytorch:v2`. Replaces an existing name.
+        #[arg(long, short)]
+        name: String,
+    },
+    /// List stored images with their sizes and what each alone holds.
+    Ls,
+    /// Show an image's layers, their digests, and what they share with other images.
+    Info { name: String },
+    /// Rebuild an image tar, byte-identical to what was added, verified as it is written.
+    Extract {
+        name: String,
+        /// Output file, or `-` for stdout (e.g. `| docker load`).
+        #[arg(long, short)]
+        output: String,
+    },
+    /// Check the store. Without --full: indexes, packs and recipes' presence. With --full: every chunk re-hashed and every recipe resolved.
+    Verify {
+        #[arg(long)]
+        full: bool,
+    },
+    /// Remove names (the data stays until `wharf gc`).
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Delete chunks no name uses and rewrite sparse packs, so the space really returns.
+    Gc {
+        /// Say what would be freed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Build two versions of a small synthetic image (no Docker needed), add both to a scratch store, and prove the rebuild byte-identical.
+    Demo {
+        /// Keep the scratch store and tars in this directory instead of a temporary one.
+        #[arg(long)]
+        keep: Option<PathBuf>,
+    },
+}
+
+fn default_store() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("wharf");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/share/wharf")
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("wharf: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn open_store(path: &PathBuf) -> Result<Arc<Store>> {
+    Ok(Arc::new(Store::open(path)?))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let store_path = cli.store.clone().unwrap_or_else(default_store);
+    let show_progress = !cli.quiet && std::io::stderr().is_terminal();
+    match cli.cmd {
+        Cmd::Init {
+            avg_chunk_kib,
+            zstd_level,
+        } => {
+            let avg = avg_chunk_kib
+                .checked_mul(1024)
+                .context("chunk size too large")?;
+            let config = StoreConfig {
+                chunking: ChunkParams {
+                    min: avg / 4,
+                    avg,
+                    max: avg.saturating_mul(4),
+                },
+                zstd_level,
+                ..StoreConfig::default()
+            };
+            Store::init(&store_path, config)?;
+            if cli.json {
+                println!("{}", serde_json::json!({"store": store_path}));
+            } else {
+                println!("created a wharf store at {}", store_path.display());
+            }
+        }
+        Cmd::Add { input, name } => {
+            let store = open_store(&store_path)?;
+            let (mut reader, total): (Box<dyn Read>, Option<u64>) = if input == "-" {
+                (Box::new(std::io::stdin().lock()), None)
+            } else {
+                let f = std::fs::File::open(&input).with_context(|| format!("open {input}"))?;
+                let len = f.metadata().ok().map(|m| m.len());
+                (Box::new(f), len)
+            };
+            let mut reader = std::io::BufReader::with_capacity(1 << 20, &mut reader);
+            let bar = progress::Bar::start(show_progress, total, "adding");
+            let opts = AddOptions {
+                progress: Some(bar.counter()),
+                ..AddOptions::default()
+            };
+            let rep = ingest::add(&store, &mut reader, &name, &opts);
+            bar.finish();
+            let rep = rep.with_context(|| format!("add {input} as {name:?}: nothing was named"))?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&rep)?);
+            } else {
+                let pct = if rep.len > 0 {
+                    100.0 * rep.new_bytes as f64 / rep.len as f64
+                } else {
+                    0.0
+                };
+                println!(
+                    "{}: {} in, {} new ({pct:.1}%), {} on disk, {:.1} s",
+                    rep.name,
+                    HumanBytes(rep.len),
+                    HumanBytes(rep.new_bytes),
+                    HumanBytes(rep.stored_bytes),
+                    rep.seconds
+                );
+            }
+        }
+        Cmd::Ls => {
+            let store = open_store(&store_path)?;
+            let stats = maintenance::image_stats(&store)?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+            } else if stats.is_empty() {
+                println!("no images in {}", store_path.display());
+            } else {
+                println!(
+                    "{:<32} {:>12} {:>12} {:>7}  added",
+                    "NAME", "SIZE", "UNIQUE", "LAYERS"
+                );
+                for s in stats {
+                    println!(
+                        "{:<32} {:>12} {:>12} {:>7}  {}",
+                        s.name,
+                        HumanBytes(s.len).to_string(),
+                        HumanBytes(s.unique_bytes).to_string(),
+                        s.layers,
+                        fmt_time(s.added)
+                    );
+                }
+            }
+        }
+        Cmd::Info { name } => {
+            let store = open_store(&store_path)?;
+            let info = maintenance::info(&store, &name)?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                println!(
+                    "{}  {}  sha256:{}",
+                    info.name,
+                    HumanBytes(info.len),
+                    info.sha256
+                );
+                println!("recipe {}  added {}", info.recipe, fmt_time(info.added));
+                for l in &info.layers {
+                    let share = if !l.same_layer_in.is_empty() {
+                        format!("same layer in {}", l.same_layer_in.join(", "))
+                    } else if l.chunk_bytes > 0 {
+                        format!(
+                            "{:.0}% of its chunk bytes shared with other images",
+                            100.0 * l.shared_bytes as f64 / l.chunk_bytes as f64
+                        )
+                    } else {
+                        String::new()
+                    };
+                    println!(
+                        "  {:<60} {:>10} {:<4} sha256:{}…  {}",
+                        l.path,
+                        HumanBytes(l.len).to_string(),
+                        l.kind,
+                        &l.sha256[..12.min(l.sha256.len())],
+                        share
+                    );
+                }
+            }
+        }
+        Cmd::Extract { name, output } => {
+            let store = open_store(&store_path)?;
+            let total = store.require_ref(&name)?.len;
+            let bar = progress::Bar::start(show_progress, Some(total), "extracting");
+            let res = if output == "-" {
+                let stdout = std::io::stdout();
+                let mut w = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+                extract::extract(&store, &name, &mut w, Some(bar.counter()))
+            } else {
+                extract::extract_to_file(
+                    &store,
+                    &name,
+                    &PathBuf::from(&output),
+                    Some(bar.counter()),
+                )
+            };
+            bar.finish();
+            let recipe = res.with_context(|| {
+                if output == "-" {
+                    format!("extract {name:?}: the tar written to stdout is incomplete or unverified; discard it")
+                } else {
+                    format!("extract {name:?}: {output} was not written")
+                }
+            })?;
+            if output != "-" {
+                if cli.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"name": name, "output": output, "len": recipe.len, "sha256": recipe.sha256})
+                    );
+                } else {
+                    eprintln!(
+                        "{name}: {} written to {output}, sha256:{} verified",
+                        HumanBytes(recipe.len),
+                        recipe.sha256
+                    );
+                }
+            }
+        }
+        Cmd::Verify { full } => {
+            let store = open_store(&store_path)?;
+            let rep = maintenance::verify(&store, full)?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&rep)?);
+            } else {
+                for n in &rep.notes {
+                    println!("note: {n}");
+                }
+                for e in &rep.errors {
+                    println!("error: {e}");
+                }
+                println!(
+                    "{} index file(s), {} pack(s), {} name(s){}: {}",
+                    rep.indexes,
+                    rep.packs,
+                    rep.names,
+                    if full {
+                        format!(", {} chunks re-hashed", rep.chunks_checked)
+                    } else {
+                        String::new()
+                    },
+                    if rep.errors.is_empty() {
+                        "ok"
+                    } else {
+                        "FAILED"
+                    }
+                );
+            }
+            if !rep.errors.is_empty() {
+                bail!("the store has {} problem(s)", rep.errors.len());
+            }
+        }
+        Cmd::Rm { names } => {
+            let store = open_store(&store_path)?;
+            for n in &names {
+                store.remove_ref(n)?;
+                if !cli.json {
+                    println!("removed {n} (run `wharf gc` to free its space)");
+                }
+            }
+            if cli.json {
+                println!("{}", serde_json::json!({"removed": names}));
+            }
+        }
+        Cmd::Gc { dry_run } => {
+            let store = open_store(&store_path)?;
+            let rep = maintenance::gc(&store, dry_run)?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&rep)?);
+            } else {
+                println!(
+                    "{}{} freed: {} pack(s) deleted, {} rewritten, {} live chunks kept",
+                    if dry_run { "would be " } else { "" },
+                    HumanBytes(rep.bytes_freed),
+                    rep.packs_deleted,
+                    rep.packs_rewritten,
+                    rep.live_chunks
+                );
+            }
+        }
+        Cmd::Demo { keep } => demo::run(keep, cli.json)?,
+    }
+    std::io::stdout().flush().ok();
+    Ok(())
+}
+
+fn fmt_time(secs: u64) -> String {
+    // UTC, without pulling in a date crate: days since the epoch to a civil date.
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3600,
+        (rem % 3600) / 60
+    )
+}

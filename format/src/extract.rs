@@ -1,0 +1,311 @@
+//! Rebuilding stored bytes: streamed in order, decompressed ahead in
+//! parallel, verified as they go.
+//!
+//! Every chunk is checked against its BLAKE3 when read, every node (each
+//! layer, and the whole tar) against its SHA-256 when its last byte has been
+//! produced. The caller decides what a failure means for bytes already
+//! written: `extract_to_file` writes to a temporary file and renames only on
+//! success.
+
+use crate::error::{Error, IoContext, Result};
+use crate::hash::{sha256_hex, ChunkId};
+use crate::list::{ListReader, StreamRef};
+use crate::recipe::{Node, NodeBody, Recipe};
+use crate::skeleton::{Record, SkeletonReader};
+use crate::store::Store;
+use crossbeam_channel::{bounded, Receiver};
+use rayon::prelude::*;
+use sha2::Digest;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Chunks decoded ahead of the consumer, per stream.
+const BATCH: usize = 32;
+
+pub fn load_node(store: &Store, id: &ChunkId) -> Result<Node> {
+    Node::decode(&store.read_chunk(id)?, id)
+}
+
+pub fn load_recipe(store: &Store, id: &ChunkId) -> Result<Recipe> {
+    Recipe::decode(&store.read_chunk(id)?, id)
+}
+
+/// Reads the chunks of a stream in order; a background thread fetches and
+/// decompresses them in parallel batches ahead of the reader.
+pub struct ChunkStreamReader {
+    rx: Receiver<Result<Vec<u8>>>,
+    cur: Vec<u8>,
+    pos: usize,
+    remaining: u64,
+}
+
+impl ChunkStreamReader {
+    pub fn new(store: Arc<Store>, stream: StreamRef) -> Self {
+        let (tx, rx) = bounded::<Result<Vec<u8>>>(BATCH * 2);
+        let remaining = stream.len;
+        std::thread::spawn(move || {
+            let reader_store = store.clone();
+            let mut list = ListReader::new(&stream, move |id| reader_store.read_chunk(id));
+            loop {
+                let mut batch = Vec::with_capacity(BATCH);
+                let mut failed = None;
+                while batch.len() < BATCH {
+                    match list.next_entry() {
+                        Ok(Some(e)) => batch.push(e),
+                        Ok(None) => break,
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                let done = batch.len() < BATCH;
+                let decoded: Vec<Result<Vec<u8>>> = batch
+                    .par_iter()
+                    .map(|e| {
+                        let b = store.read_chunk(&e.0)?;
+                        if b.len() != e.1 as usize {
+                            return Err(Error::Corrupt(format!(
+                                "chunk {}: length {} where the list says {}",
+                                e.0,
+                                b.len(),
+                                e.1
+                            )));
+                        }
+                        Ok(b)
+                    })
+                    .collect();
+                for d in decoded {
+                    if tx.send(d).is_err() {
+                        return;
+                    }
+                }
+                if let Some(e) = failed {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+                if done {
+                    return;
+                }
+            }
+        });
+        ChunkStreamReader {
+            rx,
+            cur: Vec::new(),
+            pos: 0,
+            remaining,
+        }
+    }
+
+    /// The next piece of bytes (at most `max`), or an empty slice at the end.
+    fn fill(&mut self) -> Result<bool> {
+        while self.pos >= self.cur.len() {
+            match self.rx.recv() {
+                Ok(Ok(b)) => {
+                    self.cur = b;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Hands exactly `n` bytes to `f`, in pieces.
+    pub fn emit(&mut self, mut n: u64, f: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        while n > 0 {
+            if !self.fill()? {
+                return Err(Error::Corrupt(format!(
+                    "a stream ended {n} bytes before its recipe said"
+                )));
+            }
+            let take = ((self.cur.len() - self.pos) as u64).min(n) as usize;
+            f(&self.cur[self.pos..self.pos + take])?;
+            self.pos += take;
+            self.remaining = self.remaining.saturating_sub(take as u64);
+            n -= take as u64;
+        }
+        Ok(())
+    }
+
+    /// Whether bytes remain that no record asked for.
+    pub fn at_end(&mut self) -> Result<bool> {
+        Ok(!self.fill()?)
+    }
+}
+
+impl Read for ChunkStreamReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if !self.fill().map_err(Error::into_io)? {
+            return Ok(0);
+        }
+        let n = (self.cur.len() - self.pos).min(buf.len());
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Produces the bytes of node `id`, verified, through `sink`; `what` names
+/// it in errors (e.g. the image and layer path).
+pub fn emit_node(
+    store: &Arc<Store>,
+    id: &ChunkId,
+    what: &str,
+    sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<u64> {
+    let node = load_node(store, id).map_err(|e| in_context(e, what))?;
+    let mut sha = sha2::Sha256::new();
+    let mut len = 0u64;
+    let mut out = |b: &[u8]| -> Result<()> {
+        sha.update(b);
+        len += b.len() as u64;
+        sink(b)
+    };
+    match &node.body {
+        NodeBody::Raw { data } => {
+            let mut r = ChunkStreamReader::new(store.clone(), data.clone());
+            r.emit(data.len, &mut out)
+                .map_err(|e| in_context(e, what))?;
+        }
+        NodeBody::Tar {
+            skeleton,
+            data,
+            children,
+        } => {
+            let mut skel =
+                SkeletonReader::new(ChunkStreamReader::new(store.clone(), skeleton.clone()));
+            let mut d = ChunkStreamReader::new(store.clone(), data.clone());
+            while let Some(rec) = skel.next_record().map_err(|e| in_context(e, what))? {
+                match rec {
+                    Record::Literal(b) => out(&b)?,
+                    Record::Data(n) => d.emit(n, &mut out).map_err(|e| in_context(e, what))?,
+                    Record::Child(i) => {
+                        let child = children.get(i as usize).ok_or_else(|| {
+                            Error::Corrupt(format!(
+                                "{what}: skeleton names child {i} of {}",
+                                children.len()
+                            ))
+                        })?;
+                        emit_node(store, child, what, &mut out)?;
+                    }
+                }
+            }
+            if !d.at_end().map_err(|e| in_context(e, what))? {
+                return Err(Error::Corrupt(format!(
+                    "{what}: data stream of node {id} is longer than its skeleton uses"
+                )));
+            }
+        }
+    }
+    let got = sha256_hex(sha);
+    if len != node.len || got != node.sha256 {
+        return Err(Error::Verify(format!(
+            "{what}: node {id} rebuilt to {len} bytes with sha256 {got}, expected {} bytes with sha256 {}",
+            node.len, node.sha256
+        )));
+    }
+    Ok(len)
+}
+
+fn in_context(e: Error, what: &str) -> Error {
+    match e {
+        Error::MissingChunk { chunk, context } if context.is_empty() => Error::MissingChunk {
+            chunk,
+            context: what.to_string(),
+        },
+        Error::Corrupt(m) if !m.contains(what) => Error::Corrupt(format!("{what}: {m}")),
+        other => other,
+    }
+}
+
+/// Writes the image named `name` to `out`, checking every chunk, every layer
+/// and the whole tar's SHA-256 and BLAKE3. On error, `out` holds a prefix.
+pub fn extract(
+    store: &Arc<Store>,
+    name: &str,
+    out: &mut dyn Write,
+    progress: Option<Arc<AtomicU64>>,
+) -> Result<Recipe> {
+    let r = store.require_ref(name)?;
+    let recipe =
+        load_recipe(store, &r.recipe).map_err(|e| in_context(e, &format!("image {name:?}")))?;
+    let mut b3 = blake3::Hasher::new();
+    let what = format!("image {name:?}");
+    emit_node(store, &recipe.root, &what, &mut |b| {
+        b3.update(b);
+        if let Some(p) = &progress {
+            p.fetch_add(b.len() as u64, Ordering::Relaxed);
+        }
+        out.write_all(b).map_err(Error::Stream)
+    })?;
+    let got = b3.finalize().to_hex().to_string();
+    if got != recipe.blake3 {
+        return Err(Error::Verify(format!(
+            "{what}: BLAKE3 of the rebuilt tar is {got}, recipe says {}",
+            recipe.blake3
+        )));
+    }
+    out.flush().map_err(Error::Stream)?;
+    Ok(recipe)
+}
+
+/// Extracts to `path` through a temporary file beside it, renamed into place
+/// only once the whole tar has been verified.
+pub fn extract_to_file(
+    store: &Arc<Store>,
+    name: &str,
+    path: &Path,
+    progress: Option<Arc<AtomicU64>>,
+) -> Result<Recipe> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let file_name = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image.tar".into());
+    let tmp = dir.join(format!(
+        ".{file_name}.wharf-{:08x}.part",
+        rand::random::<u32>()
+    ));
+    let f = std::fs::File::create(&tmp).ctx("create", &tmp)?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    let res = extract(store, name, &mut w, progress).and_then(|r| {
+        let f = w.into_inner().map_err(|e| Error::Stream(e.into_error()))?;
+        f.sync_all().ctx("sync", &tmp)?;
+        Ok(r)
+    });
+    match res {
+        Ok(r) => {
+            std::fs::rename(&tmp, path).ctx("rename into place", path)?;
+            Ok(r)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Convenience for tests and tools: an image's whole bytes in memory.
+pub fn extract_to_vec(store: &Arc<Store>, name: &str) -> Result<Vec<u8>> {
+    let mut v = Vec::new();
+    extract(store, name, &mut v, None)?;
+    Ok(v)
+}
+
+#[allow(dead_code)]
+fn _assert_send() {
+    fn is_send<T: Send>() {}
+    is_send::<ChunkStreamReader>();
+}
+
+pub use crate::ingest::read_full;
+
+#[allow(unused)]
+fn _unused(_: &mut dyn Read) {}

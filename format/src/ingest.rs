@@ -1,0 +1,418 @@
+//! `add`: read an image tar once, from a file or a pipe, and store it.
+//!
+//! The walk is recursive: the outer tar of `docker save` is split into a
+//! skeleton and a data stream, and each member whose content is itself a tar
+//! (a layer) becomes a child node split the same way. Members that are large
+//! but not tars (gzip layers, say) become raw child nodes, so a blob seen
+//! before is stored once whatever image it arrives in. Anything that stops
+//! being a well-formed tar is stored from that point on as plain bytes: format
+//! awareness only ever decides how bytes are grouped, never which bytes are
+//! kept.
+
+use crate::chunker::{ChunkParams, Chunker};
+use crate::error::{Error, Result};
+use crate::hash::{sha256_hex, ChunkId};
+use crate::list::{Entry, ListWriter, StreamRef};
+use crate::recipe::{LayerInfo, Node, NodeBody, Recipe, RECIPE_VERSION};
+use crate::skeleton::SkeletonWriter;
+use crate::store::{ChunkWriter, RefValue, Store};
+use crate::tarhdr::{self, EntryKind, BLOCK};
+use sha2::Digest;
+use std::io::{Cursor, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Tars nested deeper than this are stored as plain bytes.
+pub const MAX_DEPTH: u32 = 3;
+/// Members of the outer tar at least this large get a node of their own even
+/// when they are not tars, so the same blob in two images is one node.
+pub const BLOB_NODE_MIN: u64 = 64 << 10;
+/// PAX and GNU long-name contents up to this size are parsed and kept in the
+/// skeleton; larger ones (pathological) are stored as data, unparsed.
+const META_MAX: u64 = 1 << 20;
+const READ_BUF: usize = 256 << 10;
+
+#[derive(Clone)]
+pub struct AddOptions {
+    /// Compression threads (0 = all cores).
+    pub threads: usize,
+    /// Counts input bytes read, for progress display.
+    pub progress: Option<Arc<AtomicU64>>,
+}
+
+impl Default for AddOptions {
+    fn default() -> Self {
+        AddOptions {
+            threads: 0,
+            progress: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AddReport {
+    pub name: String,
+    pub recipe: ChunkId,
+    pub len: u64,
+    pub sha256: String,
+    /// Uncompressed bytes of chunks that were not in the store before.
+    pub new_bytes: u64,
+    /// What those took on disk, compressed, with pack entry headers.
+    pub stored_bytes: u64,
+    pub chunks: u64,
+    pub new_chunks: u64,
+    pub layers: usize,
+    pub seconds: f64,
+}
+
+/// Stores the tar read from `input` under `name`. The name is set only after
+/// every chunk, node and the recipe are durable in published packs.
+pub fn add(
+    store: &Arc<Store>,
+    input: &mut dyn Read,
+    name: &str,
+    opts: &AddOptions,
+) -> Result<AddReport> {
+    if name.is_empty() {
+        return Err(Error::Invalid("an image name cannot be empty".into()));
+    }
+    let started = Instant::now();
+    let _lock = store.lock(false)?;
+    // Another writer may have published packs since this store was opened.
+    store.reload_index()?;
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    } else {
+        opts.threads
+    };
+    let writer = ChunkWriter::new(store.clone(), threads)?;
+    let mut ing = Ingester {
+        w: &writer,
+        params: store.config.chunking,
+        layers: Vec::new(),
+    };
+    let mut root_reader = HashingReader::new(input, true, opts.progress.clone());
+    let (root, node) = ing.node(&mut root_reader, 0, b"")?;
+    let blake3 = root_reader
+        .blake3
+        .take()
+        .map(|h| h.finalize().to_hex().to_string())
+        .unwrap_or_default();
+    let recipe = Recipe {
+        wharf_recipe: RECIPE_VERSION,
+        len: node.len,
+        sha256: node.sha256.clone(),
+        blake3,
+        root,
+        layers: std::mem::take(&mut ing.layers),
+        created: now_secs(),
+    };
+    let layers = recipe.layers.len();
+    let recipe_id = writer.put(&recipe.encode())?;
+    let stats = writer.finish()?;
+    store.set_ref(
+        name,
+        &RefValue {
+            recipe: recipe_id,
+            added: recipe.created,
+            len: recipe.len,
+        },
+    )?;
+    Ok(AddReport {
+        name: name.to_string(),
+        recipe: recipe_id,
+        len: recipe.len,
+        sha256: recipe.sha256,
+        new_bytes: stats.get(|s| &s.bytes_new),
+        stored_bytes: stats.get(|s| &s.bytes_stored),
+        chunks: stats.get(|s| &s.chunks_in),
+        new_chunks: stats.get(|s| &s.chunks_new),
+        layers,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Counts and hashes every byte that passes through.
+pub struct HashingReader<'a> {
+    inner: &'a mut dyn Read,
+    pub len: u64,
+    sha: sha2::Sha256,
+    blake3: Option<blake3::Hasher>,
+    progress: Option<Arc<AtomicU64>>,
+}
+
+impl<'a> HashingReader<'a> {
+    pub fn new(inner: &'a mut dyn Read, blake3: bool, progress: Option<Arc<AtomicU64>>) -> Self {
+        HashingReader {
+            inner,
+            len: 0,
+            sha: sha2::Sha256::new(),
+            blake3: blake3.then(blake3::Hasher::new),
+            progress,
+        }
+    }
+
+    pub fn sha256(&self) -> String {
+        sha256_hex(self.sha.clone())
+    }
+}
+
+impl Read for HashingReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sha.update(&buf[..n]);
+        if let Some(b) = self.blake3.as_mut() {
+            b.update(&buf[..n]);
+        }
+        self.len += n as u64;
+        if let Some(p) = &self.progress {
+            p.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Ok(n)
+    }
+}
+
+/// Reads until `buf` is full or the input ends; returns the count.
+pub fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(got)
+}
+
+/// A byte stream being cut into chunks and listed.
+struct DataStream {
+    chunker: Chunker,
+    list: ListWriter,
+}
+
+impl DataStream {
+    fn new(params: ChunkParams) -> Self {
+        DataStream {
+            chunker: Chunker::new(params),
+            list: ListWriter::new(),
+        }
+    }
+
+    fn push(&mut self, w: &ChunkWriter, bytes: &[u8]) -> Result<()> {
+        let list = &mut self.list;
+        self.chunker.push(bytes, &mut |c: &[u8]| {
+            let id = w.put(c)?;
+            list.push(Entry(id, c.len() as u32), &mut |p| w.put(p))
+        })
+    }
+
+    fn finish(mut self, w: &ChunkWriter) -> Result<StreamRef> {
+        let list = &mut self.list;
+        self.chunker.finish(&mut |c: &[u8]| {
+            let id = w.put(c)?;
+            list.push(Entry(id, c.len() as u32), &mut |p| w.put(p))
+        })?;
+        self.list.finish(&mut |p| w.put(p))
+    }
+}
+
+struct Ingester<'w> {
+    w: &'w ChunkWriter,
+    params: ChunkParams,
+    layers: Vec<LayerInfo>,
+}
+
+impl Ingester<'_> {
+    /// Stores everything `r` yields as one node; returns its id.
+    fn node(&mut self, r: &mut HashingReader, depth: u32, _path: &[u8]) -> Result<(ChunkId, Node)> {
+        let mut first = vec![0u8; BLOCK];
+        let n = read_full(r, &mut first)?;
+        first.truncate(n);
+        let split = if depth == 0 {
+            n == BLOCK && !tarhdr::is_zero_block(&first) && tarhdr::parse_header(&first).is_some()
+        } else {
+            tarhdr::looks_like_tar(&first)
+        };
+        let body = if split && depth <= MAX_DEPTH {
+            self.split_tar(first, r, depth)?
+        } else {
+            let mut data = DataStream::new(self.params);
+            data.push(self.w, &first)?;
+            copy_rest(r, &mut |b| data.push(self.w, b))?;
+            NodeBody::Raw {
+                data: data.finish(self.w)?,
+            }
+        };
+        let node = Node {
+            wharf_node: crate::recipe::NODE_VERSION,
+            len: r.len,
+            sha256: r.sha256(),
+            body,
+        };
+        let id = self.w.put(&node.encode())?;
+        Ok((id, node))
+    }
+
+    fn split_tar(&mut self, first: Vec<u8>, r: &mut HashingReader, depth: u32) -> Result<NodeBody> {
+        let w = self.w;
+        let mut skel = SkeletonWriter::new();
+        let mut skel_stream = DataStream::new(self.params);
+        let mut data = DataStream::new(self.params);
+        let mut children: Vec<ChunkId> = Vec::new();
+        let mut block = first;
+        let mut pax = tarhdr::PaxOverrides::default();
+        let mut long_name: Option<Vec<u8>> = None;
+        let mut buf = vec![0u8; READ_BUF];
+        loop {
+            skel_stream.push(w, &skel.drain())?;
+            let header = if block.len() == BLOCK && !tarhdr::is_zero_block(&block) {
+                tarhdr::parse_header(&block)
+            } else {
+                None
+            };
+            let Some(h) = header else {
+                // End of archive, or the first thing that is not a header we
+                // can walk past: everything from here on is plain data.
+                data.push(w, &block)?;
+                skel.data(block.len() as u64);
+                copy_rest(r, &mut |b| {
+                    skel.data(b.len() as u64);
+                    data.push(w, b)
+                })?;
+                break;
+            };
+            skel.literal(&block);
+            if h.gnu_sparse_extended {
+                loop {
+                    let mut ext = vec![0u8; BLOCK];
+                    let n = read_full(r, &mut ext)?;
+                    skel.literal(&ext[..n]);
+                    if n < BLOCK || ext[504] == 0 {
+                        break;
+                    }
+                }
+            }
+            let size = match h.kind {
+                EntryKind::HeaderOnly => 0,
+                EntryKind::Meta => h.size,
+                EntryKind::Content => pax.size.take().unwrap_or(h.size),
+            };
+            let path = match h.kind {
+                EntryKind::Meta => Vec::new(),
+                _ => long_name
+                    .take()
+                    .or_else(|| pax.path.take())
+                    .unwrap_or_else(|| h.path.clone()),
+            };
+            if h.kind != EntryKind::Meta {
+                pax = tarhdr::PaxOverrides::default();
+            }
+            match h.kind {
+                EntryKind::Meta if size <= META_MAX => {
+                    let mut content = vec![0u8; size as usize];
+                    let n = read_full(r, &mut content)?;
+                    content.truncate(n);
+                    skel.literal(&content);
+                    match h.typeflag {
+                        b'x' | b'X' => pax = tarhdr::parse_pax(&content),
+                        b'L' => {
+                            let end = content
+                                .iter()
+                                .position(|&c| c == 0)
+                                .unwrap_or(content.len());
+                            long_name = Some(content[..end].to_vec());
+                        }
+                        _ => {}
+                    }
+                }
+                EntryKind::Meta | EntryKind::Content => {
+                    let is_file = matches!(h.typeflag, b'0' | 0 | b'7');
+                    let sniff_len = size.min(BLOCK as u64) as usize;
+                    let mut sniff = vec![0u8; sniff_len];
+                    let n = read_full(r, &mut sniff)?;
+                    sniff.truncate(n);
+                    let nested_tar = size >= 2 * BLOCK as u64 && tarhdr::looks_like_tar(&sniff);
+                    let own_node = h.kind == EntryKind::Content
+                        && is_file
+                        && depth < MAX_DEPTH
+                        && (nested_tar || (depth == 0 && size >= BLOB_NODE_MIN));
+                    if own_node {
+                        let rest = size - sniff.len() as u64;
+                        let mut chained = Cursor::new(sniff).chain((&mut *r).take(rest));
+                        let mut hr = HashingReader::new(&mut chained, false, None);
+                        let (child, node) = self.node(&mut hr, depth + 1, &path)?;
+                        // A child stops only at the end of its bytes.
+                        copy_rest(&mut hr, &mut |_| Ok(()))?;
+                        skel.child(children.len() as u64);
+                        children.push(child);
+                        if depth == 0 {
+                            self.layers.push(LayerInfo {
+                                path: String::from_utf8_lossy(&path).into_owned(),
+                                len: node.len,
+                                sha256: node.sha256.clone(),
+                                node: child,
+                                kind: node.kind().to_string(),
+                            });
+                        }
+                    } else {
+                        data.push(w, &sniff)?;
+                        skel.data(sniff.len() as u64);
+                        let mut left = size - sniff.len() as u64;
+                        while left > 0 {
+                            let want = left.min(buf.len() as u64) as usize;
+                            let n = read_full(r, &mut buf[..want])?;
+                            if n == 0 {
+                                break;
+                            }
+                            data.push(w, &buf[..n])?;
+                            skel.data(n as u64);
+                            left -= n as u64;
+                        }
+                    }
+                }
+                EntryKind::HeaderOnly => {}
+            }
+            let pad = tarhdr::padding(size) as usize;
+            if pad > 0 {
+                let mut p = vec![0u8; pad];
+                let n = read_full(r, &mut p)?;
+                skel.literal(&p[..n]);
+            }
+            let mut next = vec![0u8; BLOCK];
+            let n = read_full(r, &mut next)?;
+            next.truncate(n);
+            block = next;
+        }
+        skel_stream.push(w, &skel.finish())?;
+        Ok(NodeBody::Tar {
+            skeleton: skel_stream.finish(w)?,
+            data: data.finish(w)?,
+            children,
+        })
+    }
+}
+
+fn copy_rest(r: &mut dyn Read, f: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    let mut buf = vec![0u8; READ_BUF];
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        f(&buf[..n])?;
+    }
+}

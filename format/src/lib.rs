@@ -1,0 +1,30 @@
+//! wharf's format crate: everything that touches the store's bytes.
+//!
+//! - [`chunker`]: content-defined chunking (FastCDC v2020) of streams pushed in pieces.
+//! - [`tarhdr`], [`skeleton`]: walking tars without trusting them, and the
+//!   skeleton encoding that keeps headers apart from contents.
+//! - [`pack`], [`backend`], [`store`]: the pack store (compressed chunks in
+//!   large immutable packs, sorted memory-mapped indexes, atomic refs).
+//! - [`list`], [`recipe`]: how a stored byte stream is described.
+//! - [`ingest`], [`extract`]: `add` and byte-identical rebuild.
+//! - [`maintenance`]: `verify`, `gc`, and per-image statistics.
+//!
+//! The byte layouts are specified in `spec/FORMAT.md` at the repository root.
+
+pub mod backend;
+pub mod chunker;
+pub mod error;
+pub mod extract;
+pub mod hash;
+pub mod ingest;
+pub mod list;
+pub mod maintenance;
+pub mod pack;
+pub mod recipe;
+pub mod skeleton;
+pub mod store;
+pub mod tarhdr;
+
+pub use error::{Error, Result};
+pub use hash::ChunkId;
+pub use store::Store;

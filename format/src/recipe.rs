@@ -1,0 +1,116 @@
+//! Recipes: how to rebuild an image tar, byte for byte, from chunks.
+//!
+//! Every stored byte stream is a *node*: either `raw` (its bytes are one
+//! chunked stream) or `tar` (a skeleton of header bytes interleaved with a
+//! data stream of file contents and with child nodes, one per member whose
+//! content is stored as its own node, typically a layer). Nodes are JSON,
+//! stored as chunks and named by their BLAKE3 like any chunk, so identical
+//! layers in two images are literally the same node. A *recipe* is the root
+//! object a name points at: the outer tar's node plus the digests Docker
+//! cares about.
+
+use crate::error::{Error, Result};
+use crate::hash::ChunkId;
+use crate::list::StreamRef;
+use serde::{Deserialize, Serialize};
+
+pub const NODE_VERSION: u64 = 1;
+pub const RECIPE_VERSION: u64 = 1;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub wharf_node: u64,
+    /// Length of the bytes this node rebuilds.
+    pub len: u64,
+    /// SHA-256 of those bytes, hex.
+    pub sha256: String,
+    #[serde(flatten)]
+    pub body: NodeBody,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum NodeBody {
+    Raw {
+        data: StreamRef,
+    },
+    Tar {
+        skeleton: StreamRef,
+        data: StreamRef,
+        children: Vec<ChunkId>,
+    },
+}
+
+impl Node {
+    pub fn kind(&self) -> &'static str {
+        match self.body {
+            NodeBody::Raw { .. } => "raw",
+            NodeBody::Tar { .. } => "tar",
+        }
+    }
+
+    pub fn decode(bytes: &[u8], id: &ChunkId) -> Result<Node> {
+        let v: serde_json::Value = serde_json::from_slice(bytes)
+            .map_err(|e| Error::Corrupt(format!("node {id}: not valid JSON: {e}")))?;
+        let version = v.get("wharf_node").and_then(|x| x.as_u64()).unwrap_or(0);
+        if version != NODE_VERSION {
+            return Err(Error::UnsupportedVersion {
+                path: format!("node {id}"),
+                what: "node",
+                found: version,
+                supported: NODE_VERSION,
+            });
+        }
+        serde_json::from_value(v).map_err(|e| Error::Corrupt(format!("node {id}: {e}")))
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// One member of the outer tar stored as its own node (a layer, or any large blob).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerInfo {
+    /// Path of the member inside the outer tar.
+    pub path: String,
+    pub len: u64,
+    pub sha256: String,
+    pub node: ChunkId,
+    /// "tar" when split into skeleton and data, "raw" when chunked as bytes.
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Recipe {
+    pub wharf_recipe: u64,
+    pub len: u64,
+    pub sha256: String,
+    pub blake3: String,
+    /// The node of the whole tar.
+    pub root: ChunkId,
+    pub layers: Vec<LayerInfo>,
+    /// Unix seconds when the image was added.
+    pub created: u64,
+}
+
+impl Recipe {
+    pub fn decode(bytes: &[u8], id: &ChunkId) -> Result<Recipe> {
+        let v: serde_json::Value = serde_json::from_slice(bytes)
+            .map_err(|e| Error::Corrupt(format!("recipe {id}: not valid JSON: {e}")))?;
+        let version = v.get("wharf_recipe").and_then(|x| x.as_u64()).unwrap_or(0);
+        if version != RECIPE_VERSION {
+            return Err(Error::UnsupportedVersion {
+                path: format!("recipe {id}"),
+                what: "recipe",
+                found: version,
+                supported: RECIPE_VERSION,
+            });
+        }
+        serde_json::from_value(v).map_err(|e| Error::Corrupt(format!("recipe {id}: {e}")))
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}

@@ -1,0 +1,572 @@
+//! The chunk store: open or create one, look chunks up, read them back
+//! verified, write new ones in parallel, and keep names (refs).
+
+use crate::backend::{Backend, LocalBackend};
+use crate::chunker::ChunkParams;
+use crate::error::{Error, IoContext, Result};
+use crate::hash::ChunkId;
+use crate::pack::{self, IndexFile, Location, PackWriter};
+use crossbeam_channel::{bounded, Receiver, Sender};
+use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+pub const STORE_VERSION: u64 = 1;
+const CONFIG_FILE: &str = "config.json";
+const LOCK_FILE: &str = "lock";
+/// Index files are merged into one when a store has more than this many, so
+/// a lookup never probes more than a few files.
+pub const MAX_INDEX_FILES: usize = 8;
+
+/// The store's settings, fixed at `wharf init`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StoreConfig {
+    pub wharf_store: u64,
+    pub chunking: ChunkParams,
+    pub zstd_level: i32,
+    pub pack_target: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            wharf_store: STORE_VERSION,
+            chunking: ChunkParams::DEFAULT,
+            zstd_level: 3,
+            pack_target: pack::DEFAULT_PACK_TARGET,
+        }
+    }
+}
+
+/// What a name points at.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RefValue {
+    pub recipe: ChunkId,
+    /// Unix seconds.
+    pub added: u64,
+    /// Length of the image tar.
+    pub len: u64,
+}
+
+pub struct Store {
+    backend: Arc<dyn Backend>,
+    root: PathBuf,
+    pub config: StoreConfig,
+    index: RwLock<Vec<Arc<IndexFile>>>,
+}
+
+thread_local! {
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+impl Store {
+    /// Creates a store at `root` (the directory may exist but must not hold a store).
+    pub fn init(root: &Path, config: StoreConfig) -> Result<Store> {
+        config.chunking.validate()?;
+        if !(1..=22).contains(&config.zstd_level) {
+            return Err(Error::Invalid(format!(
+                "zstd level must be 1..=22, got {}",
+                config.zstd_level
+            )));
+        }
+        if config.pack_target < (1 << 20) || config.pack_target > (3u64 << 30) {
+            return Err(Error::Invalid("pack target must be 1 MiB..3 GiB".into()));
+        }
+        std::fs::create_dir_all(root).ctx("create store directory", root)?;
+        let cfg_path = root.join(CONFIG_FILE);
+        if cfg_path.exists() {
+            return Err(Error::Invalid(format!(
+                "{} already holds a wharf store",
+                root.display()
+            )));
+        }
+        LocalBackend::open(root)?;
+        let json = serde_json::to_vec_pretty(&config)
+            .map_err(|e| Error::Invalid(format!("encode config: {e}")))?;
+        crate::backend::write_atomic(&cfg_path, &json)?;
+        Store::open(root)
+    }
+
+    pub fn open(root: &Path) -> Result<Store> {
+        let cfg_path = root.join(CONFIG_FILE);
+        let raw = match std::fs::read(&cfg_path) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NoStore(root.to_path_buf()))
+            }
+            Err(e) => return Err(e).ctx("read", &cfg_path),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&raw)
+            .map_err(|e| Error::Corrupt(format!("{}: {e}", cfg_path.display())))?;
+        let version = v.get("wharf_store").and_then(|x| x.as_u64()).unwrap_or(0);
+        if version != STORE_VERSION {
+            return Err(Error::UnsupportedVersion {
+                path: cfg_path.display().to_string(),
+                what: "store",
+                found: version,
+                supported: STORE_VERSION,
+            });
+        }
+        let config: StoreConfig = serde_json::from_value(v)
+            .map_err(|e| Error::Corrupt(format!("{}: {e}", cfg_path.display())))?;
+        config.chunking.validate()?;
+        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::open(root)?);
+        let store = Store {
+            backend,
+            root: root.to_path_buf(),
+            config,
+            index: RwLock::new(Vec::new()),
+        };
+        store.reload_index()?;
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+
+    /// Re-reads the list of index files (after another process wrote some).
+    pub fn reload_index(&self) -> Result<()> {
+        let mut files = Vec::new();
+        for name in self.backend.list(crate::backend::ObjectKind::Index)? {
+            files.push(Arc::new(IndexFile::open(&*self.backend, &name)?));
+        }
+        // Larger files first: most lookups end in the big merged index.
+        files.sort_by_key(|f| std::cmp::Reverse(f.len()));
+        *self.index_mut()? = files;
+        Ok(())
+    }
+
+    fn index_mut(&self) -> Result<std::sync::RwLockWriteGuard<'_, Vec<Arc<IndexFile>>>> {
+        self.index
+            .write()
+            .map_err(|_| Error::Corrupt("index lock poisoned".into()))
+    }
+
+    pub fn index_files(&self) -> Vec<Arc<IndexFile>> {
+        self.index.read().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    fn add_index(&self, name: &str) -> Result<()> {
+        let f = Arc::new(IndexFile::open(&*self.backend, name)?);
+        self.index_mut()?.push(f);
+        Ok(())
+    }
+
+    pub fn lookup(&self, id: &ChunkId) -> Option<Location> {
+        let files = self.index.read().ok()?;
+        files.iter().find_map(|f| f.lookup(id))
+    }
+
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.lookup(id).is_some()
+    }
+
+    /// Reads a chunk, decompresses it and checks its BLAKE3.
+    pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let loc = self.lookup(id).ok_or_else(|| Error::MissingChunk {
+            chunk: id.to_hex(),
+            context: String::new(),
+        })?;
+        let stored = pack::read_stored(&*self.backend, id, &loc)?;
+        let raw = decompress(&stored, loc.raw_len as usize).map_err(|e| {
+            Error::Corrupt(format!(
+                "chunk {id} in pack {}: cannot decompress: {e}",
+                loc.pack.name()
+            ))
+        })?;
+        if raw.len() != loc.raw_len as usize || ChunkId::of(&raw) != *id {
+            return Err(Error::Corrupt(format!(
+                "chunk {id} in pack {} at offset {}: content does not match its hash",
+                loc.pack.name(),
+                loc.offset
+            )));
+        }
+        Ok(raw)
+    }
+
+    /// Takes the store's lock: shared for writers that only add, exclusive
+    /// for gc, which must not delete what a concurrent add is about to use.
+    pub fn lock(&self, exclusive: bool) -> Result<StoreLock> {
+        let p = self.root.join(LOCK_FILE);
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .ctx("open", &p)?;
+        if exclusive {
+            f.lock().ctx("lock exclusively", &p)?;
+        } else {
+            f.lock_shared().ctx("lock", &p)?;
+        }
+        Ok(StoreLock { _file: f })
+    }
+
+    pub fn get_ref(&self, name: &str) -> Result<Option<RefValue>> {
+        match self.backend.read_ref(name)? {
+            None => Ok(None),
+            Some(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| Error::Corrupt(format!("ref {name:?}: {e}"))),
+        }
+    }
+
+    pub fn require_ref(&self, name: &str) -> Result<RefValue> {
+        self.get_ref(name)?
+            .ok_or_else(|| Error::NoSuchName(name.to_string()))
+    }
+
+    pub fn set_ref(&self, name: &str, value: &RefValue) -> Result<()> {
+        if name.is_empty() {
+            return Err(Error::Invalid("an image name cannot be empty".into()));
+        }
+        let b = serde_json::to_vec(value).map_err(|e| Error::Invalid(e.to_string()))?;
+        self.backend.write_ref(name, Some(&b))
+    }
+
+    pub fn remove_ref(&self, name: &str) -> Result<()> {
+        self.require_ref(name)?;
+        self.backend.write_ref(name, None)
+    }
+
+    pub fn list_refs(&self) -> Result<Vec<(String, RefValue)>> {
+        let mut out = Vec::new();
+        for n in self.backend.list_refs()? {
+            if let Some(v) = self.get_ref(&n)? {
+                out.push((n, v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Merges all index files into one when there are too many. Called with
+    /// the store locked; the merged index is published before the old ones
+    /// are removed, so a crash in between only leaves duplicates.
+    pub fn compact_index(&self, force: bool) -> Result<bool> {
+        let files = self.index_files();
+        if files.len() <= 1 || (!force && files.len() <= MAX_INDEX_FILES) {
+            return Ok(false);
+        }
+        let name = merge_indexes(&*self.backend, &files)?;
+        for f in &files {
+            if f.name != name {
+                self.backend
+                    .delete(crate::backend::ObjectKind::Index, &f.name)?;
+            }
+        }
+        self.reload_index()?;
+        Ok(true)
+    }
+}
+
+/// K-way merge of sorted index files into one; memory is one cursor per file.
+pub fn merge_indexes(backend: &dyn Backend, files: &[Arc<IndexFile>]) -> Result<String> {
+    use std::cmp::Reverse;
+    use std::collections::{BTreeMap, BinaryHeap};
+    let mut packs: BTreeMap<pack::PackId, u32> = BTreeMap::new();
+    for f in files {
+        for p in f.packs() {
+            let n = packs.len() as u32;
+            packs.entry(*p).or_insert(n);
+        }
+    }
+    let pack_list: Vec<pack::PackId> = {
+        let mut v: Vec<_> = packs.iter().map(|(p, n)| (*n, *p)).collect();
+        v.sort();
+        v.into_iter().map(|(_, p)| p).collect()
+    };
+    let mut heap = BinaryHeap::new();
+    for (fi, f) in files.iter().enumerate() {
+        if !f.is_empty() {
+            heap.push(Reverse((f.entry(0).id, fi, 0usize)));
+        }
+    }
+    let iter = std::iter::from_fn(move || {
+        let Reverse((_, fi, i)) = heap.pop()?;
+        let f = &files[fi];
+        let mut e = f.entry(i);
+        let pack = f.packs()[e.pack_no as usize];
+        e.pack_no = packs[&pack];
+        if i + 1 < f.len() {
+            heap.push(Reverse((f.entry(i + 1).id, fi, i + 1)));
+        }
+        Some(Ok(e))
+    });
+    pack::write_index(backend, &pack_list, iter)
+}
+
+pub struct StoreLock {
+    _file: File,
+}
+
+pub fn decompress(stored: &[u8], raw_len: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match d.as_mut() {
+            Some(dec) => dec.decompress(stored, raw_len),
+            None => Err(std::io::Error::other("no decompressor")),
+        }
+    })
+}
+
+/// Counters of one write session.
+#[derive(Default, Debug)]
+pub struct WriteStats {
+    /// Chunks offered, duplicates included.
+    pub chunks_in: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub chunks_new: AtomicU64,
+    pub bytes_new: AtomicU64,
+    pub bytes_stored: AtomicU64,
+}
+
+impl WriteStats {
+    pub fn get(&self, f: impl Fn(&WriteStats) -> &AtomicU64) -> u64 {
+        f(self).load(Ordering::Relaxed)
+    }
+}
+
+enum ToWriter {
+    Chunk(ChunkId, u32, Vec<u8>),
+}
+
+/// A write session: chunks offered with `put` are hashed by the caller,
+/// compressed on a pool of threads (one zstd context each) and appended to
+/// packs by one writer thread. Nothing is referenced until the caller sets a
+/// ref after `finish`, so an interrupted session leaves only unreferenced
+/// packs behind.
+pub struct ChunkWriter {
+    store: Arc<Store>,
+    pending: Arc<Mutex<HashSet<ChunkId>>>,
+    to_compress: Option<Sender<(ChunkId, Vec<u8>)>>,
+    workers: Vec<JoinHandle<Result<()>>>,
+    writer: Option<JoinHandle<Result<()>>>,
+    /// The first error of a pipeline thread, for the caller whose `put` found
+    /// the pipeline gone.
+    failure: Arc<Mutex<Option<Error>>>,
+    pub stats: Arc<WriteStats>,
+}
+
+impl ChunkWriter {
+    pub fn new(store: Arc<Store>, threads: usize) -> Result<Self> {
+        let threads = threads.max(1);
+        let (ctx, crx) = bounded::<(ChunkId, Vec<u8>)>(threads * 16);
+        let (wtx, wrx) = bounded::<ToWriter>(threads * 16);
+        let level = store.config.zstd_level;
+        let failure: Arc<Mutex<Option<Error>>> = Arc::new(Mutex::new(None));
+        let mut workers = Vec::new();
+        for _ in 0..threads {
+            let crx = crx.clone();
+            let wtx = wtx.clone();
+            let failure = failure.clone();
+            workers.push(std::thread::spawn(move || -> Result<()> {
+                let run = || -> Result<()> {
+                    let mut c = zstd::bulk::Compressor::new(level)?;
+                    for (id, raw) in crx {
+                        let z = c.compress(&raw)?;
+                        if wtx.send(ToWriter::Chunk(id, raw.len() as u32, z)).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(())
+                };
+                remember_failure(run(), &failure)
+            }));
+        }
+        drop(wtx);
+        let pending = Arc::new(Mutex::new(HashSet::new()));
+        let stats = Arc::new(WriteStats::default());
+        let writer = {
+            let store = store.clone();
+            let pending = pending.clone();
+            let stats = stats.clone();
+            let failure = failure.clone();
+            std::thread::spawn(move || {
+                remember_failure(write_packs(store, wrx, pending, stats), &failure)
+            })
+        };
+        Ok(ChunkWriter {
+            store,
+            pending,
+            to_compress: Some(ctx),
+            workers,
+            writer: Some(writer),
+            failure,
+            stats,
+        })
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// True when the chunk is in the store or already queued in this session.
+    pub fn has(&self, id: &ChunkId) -> bool {
+        self.store.contains(id) || self.pending.lock().map(|p| p.contains(id)).unwrap_or(false)
+    }
+
+    /// Stores `bytes` unless present; returns its id.
+    pub fn put(&self, bytes: &[u8]) -> Result<ChunkId> {
+        let id = ChunkId::of(bytes);
+        self.put_with_id(id, bytes)?;
+        Ok(id)
+    }
+
+    /// Stores a chunk whose id the caller computed.
+    pub fn put_with_id(&self, id: ChunkId, bytes: &[u8]) -> Result<bool> {
+        self.stats.chunks_in.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_in
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        if self.store.contains(&id) {
+            return Ok(false);
+        }
+        {
+            let mut p = self
+                .pending
+                .lock()
+                .map_err(|_| Error::Corrupt("pending set lock poisoned".into()))?;
+            if !p.insert(id) {
+                return Ok(false);
+            }
+        }
+        self.stats.chunks_new.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_new
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let sent = match &self.to_compress {
+            Some(tx) => tx.send((id, bytes.to_vec())).is_ok(),
+            None => false,
+        };
+        if !sent {
+            // The pipeline stopped: its own error is the one worth reporting.
+            let failure = self.failure.lock().ok().and_then(|mut f| f.take());
+            return Err(failure
+                .unwrap_or_else(|| Error::Corrupt("chunk writer stopped unexpectedly".into())));
+        }
+        Ok(true)
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        self.to_compress = None;
+        let mut first_err = None;
+        for w in self.workers.drain(..) {
+            match w.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_err.get_or_insert(Error::Corrupt("compression thread panicked".into()));
+                }
+            }
+        }
+        if let Some(w) = self.writer.take() {
+            match w.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_err.get_or_insert(Error::Corrupt("pack writer thread panicked".into()));
+                }
+            }
+        }
+        if let Some(f) = self.failure.lock().ok().and_then(|mut f| f.take()) {
+            first_err = Some(f);
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until every chunk is in a published pack and index.
+    pub fn finish(mut self) -> Result<Arc<WriteStats>> {
+        self.stop()?;
+        self.store.compact_index(false)?;
+        Ok(self.stats.clone())
+    }
+}
+
+impl Drop for ChunkWriter {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// Keeps a pipeline thread's error where `put` can find it; the thread then
+/// returns Ok so the error is reported once.
+fn remember_failure(r: Result<()>, slot: &Mutex<Option<Error>>) -> Result<()> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) => match slot.lock() {
+            Ok(mut s) => {
+                s.get_or_insert(e);
+                Ok(())
+            }
+            Err(_) => Err(e),
+        },
+    }
+}
+
+fn write_packs(
+    store: Arc<Store>,
+    rx: Receiver<ToWriter>,
+    pending: Arc<Mutex<HashSet<ChunkId>>>,
+    stats: Arc<WriteStats>,
+) -> Result<()> {
+    let backend = store.backend.clone();
+    let mut pack: Option<PackWriter> = None;
+    let publish = |p: PackWriter| -> Result<()> {
+        let ids: Vec<ChunkId> = p.entries().iter().map(|e| e.id).collect();
+        let (_, idx) = p.finish(&*backend)?;
+        store.add_index(&idx)?;
+        // Only now may these leave the pending set: they are findable in the index.
+        if let Ok(mut set) = pending.lock() {
+            for id in ids {
+                set.remove(&id);
+            }
+        }
+        Ok(())
+    };
+    for msg in rx {
+        let ToWriter::Chunk(id, raw_len, z) = msg;
+        if pack.is_none() {
+            pack = Some(PackWriter::create(backend.scratch_dir())?);
+        }
+        if let Some(p) = pack.as_mut() {
+            p.append(id, raw_len, &z)?;
+            stats.bytes_stored.fetch_add(
+                z.len() as u64 + pack::PACK_ENTRY_HEADER_LEN,
+                Ordering::Relaxed,
+            );
+            if p.len() >= store.config.pack_target {
+                if let Some(full) = pack.take() {
+                    publish(full)?;
+                }
+            }
+        }
+    }
+    if let Some(p) = pack.take() {
+        if !p.is_empty() {
+            publish(p)?;
+        } else {
+            p.abandon();
+        }
+    }
+    Ok(())
+}
