@@ -148,14 +148,13 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Add { input, name } => {
             let store = open_store(&store_path)?;
-            let (mut reader, total): (Box<dyn Read>, Option<u64>) = if input == "-" {
-                (Box::new(std::io::stdin().lock()), None)
+            let (mut reader, total): (Box<dyn Read + Send>, Option<u64>) = if input == "-" {
+                (Box::new(std::io::stdin()), None)
             } else {
                 let f = std::fs::File::open(&input).with_context(|| format!("open {input}"))?;
                 let len = f.metadata().ok().map(|m| m.len());
                 (Box::new(f), len)
             };
-            let mut reader = std::io::BufReader::with_capacity(1 << 20, &mut reader);
             let bar = progress::Bar::start(show_progress, total, "adding");
             let opts = AddOptions {
                 progress: Some(bar.counter()),

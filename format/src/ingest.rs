@@ -13,11 +13,13 @@ use crate::chunker::{ChunkParams, Chunker};
 use crate::error::{Error, Result};
 use crate::hash::{sha256_hex, ChunkId};
 use crate::list::{Entry, ListWriter, StreamRef};
-use crate::recipe::{LayerInfo, Node, NodeBody, Recipe, RECIPE_VERSION};
+use crate::recipe::{LayerInfo, Node, NodeBody, Recipe, BLOCK_MAP_BLOCK, RECIPE_VERSION};
 use crate::skeleton::SkeletonWriter;
 use crate::store::{ChunkWriter, RefValue, Store};
 use crate::tarhdr::{self, EntryKind, BLOCK};
+use crossbeam_channel::{bounded, Receiver, Sender};
 use sha2::Digest;
+use std::collections::HashMap;
 use std::io::{Cursor, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -70,7 +72,7 @@ pub struct AddReport {
 /// every chunk, node and the recipe are durable in published packs.
 pub fn add(
     store: &Arc<Store>,
-    input: &mut dyn Read,
+    input: &mut (dyn Read + Send),
     name: &str,
     opts: &AddOptions,
 ) -> Result<AddReport> {
@@ -93,14 +95,37 @@ pub fn add(
         w: &writer,
         params: store.config.chunking,
         layers: Vec::new(),
+        known: KnownLayers::load(store)?,
     };
-    let mut root_reader = HashingReader::new(input, true, opts.progress.clone());
-    let (root, node) = ing.node(&mut root_reader, 0, b"")?;
-    let blake3 = root_reader
-        .blake3
-        .take()
-        .map(|h| h.finalize().to_hex().to_string())
-        .unwrap_or_default();
+    // The whole tar's SHA-256 and BLAKE3 are computed on a reader thread, so
+    // they overlap with the walk instead of adding to it.
+    let (root, node, blake3) = std::thread::scope(|scope| -> Result<(ChunkId, Node, String)> {
+        let (tx, rx) = bounded::<std::io::Result<Vec<u8>>>(8);
+        let (dtx, drx) = bounded::<(String, String)>(1);
+        let progress = opts.progress.clone();
+        scope.spawn(move || read_and_hash(input, tx, dtx, progress));
+        let mut chan = ChannelReader {
+            rx,
+            cur: Vec::new(),
+            pos: 0,
+        };
+        let blake3 = std::cell::RefCell::new(String::new());
+        let digest = || -> Result<String> {
+            let (sha, b3) = drx
+                .recv()
+                .map_err(|_| Error::Invalid("input reader stopped before the end".into()))?;
+            *blake3.borrow_mut() = b3;
+            Ok(sha)
+        };
+        let mut root_reader = HashingReader::new(&mut chan, false, None);
+        root_reader.sha = None;
+        root_reader.digest_source = Some(&digest);
+        let (root, node) = ing.node(&mut root_reader, 0, b"")?;
+        drop(root_reader);
+        drop(chan);
+        let b3 = blake3.borrow().clone();
+        Ok((root, node, b3))
+    })?;
     let recipe = Recipe {
         wharf_recipe: RECIPE_VERSION,
         len: node.len,
@@ -146,9 +171,45 @@ pub fn now_secs() -> u64 {
 pub struct HashingReader<'a> {
     inner: &'a mut dyn Read,
     pub len: u64,
-    sha: sha2::Sha256,
+    sha: Option<sha2::Sha256>,
+    /// Where the SHA-256 comes from when another thread computes it.
+    digest_source: Option<&'a dyn Fn() -> Result<String>>,
     blake3: Option<blake3::Hasher>,
     progress: Option<Arc<AtomicU64>>,
+    block_map: Option<BlockMap>,
+}
+
+/// BLAKE3 of each consecutive `BLOCK_MAP_BLOCK` bytes of a stream.
+#[derive(Default)]
+pub struct BlockMap {
+    hasher: blake3::Hasher,
+    in_block: usize,
+    pub hashes: Vec<u8>,
+}
+
+impl BlockMap {
+    pub fn update(&mut self, mut b: &[u8]) {
+        while !b.is_empty() {
+            let n = (BLOCK_MAP_BLOCK - self.in_block).min(b.len());
+            self.hasher.update(&b[..n]);
+            self.in_block += n;
+            b = &b[n..];
+            if self.in_block == BLOCK_MAP_BLOCK {
+                self.hashes
+                    .extend_from_slice(self.hasher.finalize().as_bytes());
+                self.hasher.reset();
+                self.in_block = 0;
+            }
+        }
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        if self.in_block > 0 {
+            self.hashes
+                .extend_from_slice(self.hasher.finalize().as_bytes());
+        }
+        self.hashes
+    }
 }
 
 impl<'a> HashingReader<'a> {
@@ -156,28 +217,105 @@ impl<'a> HashingReader<'a> {
         HashingReader {
             inner,
             len: 0,
-            sha: sha2::Sha256::new(),
+            sha: Some(sha2::Sha256::new()),
+            digest_source: None,
             blake3: blake3.then(blake3::Hasher::new),
             progress,
+            block_map: None,
         }
     }
 
-    pub fn sha256(&self) -> String {
-        sha256_hex(self.sha.clone())
+    fn with_block_map(mut self) -> Self {
+        self.block_map = Some(BlockMap::default());
+        self
+    }
+
+    pub fn sha256(&self) -> Result<String> {
+        match (&self.sha, self.digest_source) {
+            (Some(h), _) => Ok(sha256_hex(h.clone())),
+            (None, Some(f)) => f(),
+            (None, None) => Err(Error::Invalid("no digest for this stream".into())),
+        }
     }
 }
 
 impl Read for HashingReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.sha.update(&buf[..n]);
+        if let Some(h) = self.sha.as_mut() {
+            h.update(&buf[..n]);
+        }
         if let Some(b) = self.blake3.as_mut() {
             b.update(&buf[..n]);
+        }
+        if let Some(m) = self.block_map.as_mut() {
+            m.update(&buf[..n]);
         }
         self.len += n as u64;
         if let Some(p) = &self.progress {
             p.fetch_add(n as u64, Ordering::Relaxed);
         }
+        Ok(n)
+    }
+}
+
+/// The input side of `add`: reads in large blocks, hashes the whole tar,
+/// and hands the blocks on.
+fn read_and_hash(
+    input: &mut (dyn Read + Send),
+    tx: Sender<std::io::Result<Vec<u8>>>,
+    digests: Sender<(String, String)>,
+    progress: Option<Arc<AtomicU64>>,
+) {
+    let mut sha = sha2::Sha256::new();
+    let mut b3 = blake3::Hasher::new();
+    loop {
+        let mut buf = vec![0u8; 1 << 20];
+        let n = match read_full(input, &mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = tx.send(Err(std::io::Error::other(e)));
+                return;
+            }
+        };
+        buf.truncate(n);
+        sha.update(&buf);
+        b3.update(&buf);
+        if let Some(p) = &progress {
+            p.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        if n == 0 {
+            break;
+        }
+        if tx.send(Ok(buf)).is_err() {
+            return;
+        }
+    }
+    drop(tx);
+    let _ = digests.send((sha256_hex(sha), b3.finalize().to_hex().to_string()));
+}
+
+struct ChannelReader {
+    rx: Receiver<std::io::Result<Vec<u8>>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos >= self.cur.len() {
+            match self.rx.recv() {
+                Ok(Ok(b)) => {
+                    self.cur = b;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = (self.cur.len() - self.pos).min(buf.len());
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
         Ok(n)
     }
 }
@@ -232,9 +370,114 @@ struct Ingester<'w> {
     w: &'w ChunkWriter,
     params: ChunkParams,
     layers: Vec<LayerInfo>,
+    known: KnownLayers,
+}
+
+/// Layers of the images already in the store, for the whole-layer fast path.
+#[derive(Default)]
+pub struct KnownLayers {
+    by_sha: HashMap<String, ChunkId>,
+    by_path_len: HashMap<(String, u64), ChunkId>,
+}
+
+impl KnownLayers {
+    pub fn load(store: &Store) -> Result<KnownLayers> {
+        let mut k = KnownLayers::default();
+        for (_, r) in store.list_refs()? {
+            // A name whose recipe cannot be read gives no candidates; verify reports it.
+            let Ok(rec) = crate::extract::load_recipe(store, &r.recipe) else {
+                continue;
+            };
+            for l in rec.layers {
+                k.by_sha.insert(l.sha256.clone(), l.node);
+                k.by_path_len.insert((l.path.clone(), l.len), l.node);
+            }
+        }
+        Ok(k)
+    }
+
+    /// A stored layer this member probably is: by the digest in its name
+    /// (OCI layout `blobs/sha256/<hex>`), else by the same path and size
+    /// (legacy layout `<id>/layer.tar`, whose id derives from the content).
+    fn candidate(&self, path: &[u8], size: u64) -> Option<ChunkId> {
+        let path = String::from_utf8_lossy(path);
+        if let Some(hex) = path.strip_prefix("blobs/sha256/") {
+            if let Some(id) = self.by_sha.get(hex) {
+                return Some(*id);
+            }
+        }
+        self.by_path_len.get(&(path.into_owned(), size)).copied()
+    }
 }
 
 impl Ingester<'_> {
+    /// The whole-layer fast path: compares the member block by block with
+    /// a stored layer's block map (BLAKE3 per MiB) and its SHA-256; if all
+    /// match, the stored node is referenced and nothing is chunked or
+    /// compressed. At the first differing block, the bytes already read
+    /// are rebuilt from the stored layer and the member is ingested as usual,
+    /// so the input is still read only once.
+    fn reuse_or_ingest(
+        &mut self,
+        candidate: ChunkId,
+        member: &mut dyn Read,
+        size: u64,
+        depth: u32,
+        path: &[u8],
+    ) -> Result<(ChunkId, Node)> {
+        let store = self.w.store().clone();
+        let usable = crate::extract::load_node(&store, &candidate)
+            .ok()
+            .filter(|n| n.len == size)
+            .and_then(|n| {
+                let blocks = store.read_chunk(&n.blocks?).ok()?;
+                let expect = (size as usize).div_ceil(BLOCK_MAP_BLOCK);
+                (blocks.len() == expect * 32).then_some((n, blocks))
+            });
+        let Some((node, blocks)) = usable else {
+            let mut hr = HashingReader::new(member, false, None).with_block_map();
+            let out = self.node(&mut hr, depth + 1, path)?;
+            copy_rest(&mut hr, &mut |_| Ok(()))?;
+            return Ok(out);
+        };
+        let mut sha = sha2::Sha256::new();
+        let mut buf = vec![0u8; BLOCK_MAP_BLOCK];
+        let mut i = 0usize;
+        loop {
+            let n = read_full(member, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            let same = blocks
+                .get(i * 32..i * 32 + 32)
+                .is_some_and(|want| blake3::hash(&buf[..n]).as_bytes() == want);
+            if !same {
+                // Rebuild the i matching blocks from the store, then the
+                // block in hand, then the rest of the member.
+                let prefix = crate::extract::NodePrefixReader::new(
+                    store.clone(),
+                    candidate,
+                    (i * BLOCK_MAP_BLOCK) as u64,
+                );
+                buf.truncate(n);
+                let mut replay = prefix.chain(Cursor::new(buf)).chain(member);
+                let mut hr = HashingReader::new(&mut replay, false, None).with_block_map();
+                let out = self.node(&mut hr, depth + 1, path)?;
+                copy_rest(&mut hr, &mut |_| Ok(()))?;
+                return Ok(out);
+            }
+            sha.update(&buf[..n]);
+            i += 1;
+        }
+        if sha256_hex(sha) != node.sha256 {
+            return Err(Error::Corrupt(format!(
+                "layer {}: every block matched stored node {candidate} but the SHA-256 did not; the store may be damaged (run `wharf verify --full`)",
+                String::from_utf8_lossy(path)
+            )));
+        }
+        Ok((candidate, node))
+    }
+
     /// Stores everything `r` yields as one node; returns its id.
     fn node(&mut self, r: &mut HashingReader, depth: u32, _path: &[u8]) -> Result<(ChunkId, Node)> {
         let mut first = vec![0u8; BLOCK];
@@ -255,10 +498,15 @@ impl Ingester<'_> {
                 data: data.finish(self.w)?,
             }
         };
+        let blocks = match r.block_map.take() {
+            Some(m) => Some(self.w.put(&m.finish())?),
+            None => None,
+        };
         let node = Node {
             wharf_node: crate::recipe::NODE_VERSION,
             len: r.len,
-            sha256: r.sha256(),
+            sha256: r.sha256()?,
+            blocks,
             body,
         };
         let id = self.w.put(&node.encode())?;
@@ -350,11 +598,25 @@ impl Ingester<'_> {
                         && (nested_tar || (depth == 0 && size >= BLOB_NODE_MIN));
                     if own_node {
                         let rest = size - sniff.len() as u64;
-                        let mut chained = Cursor::new(sniff).chain((&mut *r).take(rest));
-                        let mut hr = HashingReader::new(&mut chained, false, None);
-                        let (child, node) = self.node(&mut hr, depth + 1, &path)?;
-                        // A child stops only at the end of its bytes.
-                        copy_rest(&mut hr, &mut |_| Ok(()))?;
+                        let mut member = Cursor::new(sniff).chain((&mut *r).take(rest));
+                        let candidate = if depth == 0 {
+                            self.known.candidate(&path, size)
+                        } else {
+                            None
+                        };
+                        let (child, node) = match candidate {
+                            Some(c) => self.reuse_or_ingest(c, &mut member, size, depth, &path)?,
+                            None => {
+                                let mut hr = HashingReader::new(&mut member, false, None);
+                                if depth == 0 {
+                                    hr = hr.with_block_map();
+                                }
+                                let out = self.node(&mut hr, depth + 1, &path)?;
+                                // A child stops only at the end of its bytes.
+                                copy_rest(&mut hr, &mut |_| Ok(()))?;
+                                out
+                            }
+                        };
                         skel.child(children.len() as u64);
                         children.push(child);
                         if depth == 0 {

@@ -24,9 +24,17 @@ pub struct Node {
     pub len: u64,
     /// SHA-256 of those bytes, hex.
     pub sha256: String,
+    /// A chunk holding the BLAKE3 of each 1 MiB block of those bytes, written
+    /// for layers: it lets a later add confirm that a layer arriving again is
+    /// this one without chunking it again, and find where it first differs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<ChunkId>,
     #[serde(flatten)]
     pub body: NodeBody,
 }
+
+/// Size of the blocks hashed into a node's block map.
+pub const BLOCK_MAP_BLOCK: usize = 1 << 20;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
