@@ -246,7 +246,7 @@ fn run(cli: Cli) -> Result<()> {
             let bar = progress::Bar::start(show_progress, Some(total), "extracting");
             let res = if output == "-" {
                 let stdout = std::io::stdout();
-                let mut w = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+                let mut w = std::io::BufWriter::with_capacity(1 << 20, stdout);
                 extract::extract(&store, &name, &mut w, Some(bar.counter()))
             } else {
                 extract::extract_to_file(

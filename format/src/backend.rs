@@ -166,7 +166,12 @@ impl Backend for LocalBackend {
     fn put_file(&self, kind: ObjectKind, name: &str, src: &Path) -> Result<()> {
         let dst = self.object_path(kind, name);
         let dir = dst.parent().unwrap_or(&self.root).to_path_buf();
-        fs::create_dir_all(&dir).ctx("create directory", &dir)?;
+        if !dir.exists() {
+            fs::create_dir_all(&dir).ctx("create directory", &dir)?;
+            // The new shard directory's own entry must be durable before an
+            // index can name a pack inside it.
+            sync_dir(dir.parent().unwrap_or(&self.root))?;
+        }
         File::open(src)
             .and_then(|f| f.sync_all())
             .ctx("sync", src)?;

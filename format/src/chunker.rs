@@ -127,10 +127,9 @@ impl Chunker {
 }
 
 #[cfg(test)]
-mod tests {
+mod tests_support {
     use super::*;
-
-    fn pseudo_random(len: usize, mut seed: u64) -> Vec<u8> {
+    pub fn pseudo_random(len: usize, mut seed: u64) -> Vec<u8> {
         let mut v = Vec::with_capacity(len);
         while v.len() < len {
             seed ^= seed << 13;
@@ -142,7 +141,7 @@ mod tests {
         v
     }
 
-    fn lengths(data: &[u8], piece: usize) -> Vec<usize> {
+    pub fn lengths(data: &[u8], piece: usize) -> Vec<usize> {
         let mut c = Chunker::new(ChunkParams::DEFAULT);
         let mut out = Vec::new();
         let mut emit = |b: &[u8]| -> Result<(), ()> {
@@ -155,6 +154,12 @@ mod tests {
         c.finish(&mut emit).unwrap();
         out
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::*;
+    use super::*;
 
     #[test]
     fn piece_size_does_not_move_boundaries() {
@@ -182,9 +187,9 @@ mod tests {
         assert_eq!(digest.to_hex().as_str(), GOLDEN_DIGEST);
     }
 
-    const GOLDEN_COUNT: usize = 0;
-    const GOLDEN_FIRST: [usize; 8] = [0; 8];
-    const GOLDEN_DIGEST: &str = "";
+    const GOLDEN_COUNT: usize = 53;
+    const GOLDEN_FIRST: [usize; 8] = [24884, 7460, 37147, 25093, 21340, 22785, 5231, 8959];
+    const GOLDEN_DIGEST: &str = "b2f021715bef5b1c850b44bee5071a7acfbf3d31e499f9bb9485b72f8ab1d8c7";
 
     #[test]
     fn params_are_checked() {

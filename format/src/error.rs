@@ -31,7 +31,7 @@ pub enum Error {
     #[error("no store at {0} (create one with `wharf init`)")]
     NoStore(PathBuf),
 
-    #[error("{path} was written by a newer wharf: {what} version {found}, this wharf reads up to {supported}")]
+    #[error("{path} has {what} format version {found}, and this wharf reads version {supported}{}", newer_hint(*.found, *.supported))]
     UnsupportedVersion {
         path: String,
         what: &'static str,
@@ -44,6 +44,14 @@ pub enum Error {
 
     #[error("invalid argument: {0}")]
     Invalid(String),
+}
+
+fn newer_hint(found: u64, supported: u64) -> &'static str {
+    if found > supported {
+        " (it was written by a newer wharf: upgrade wharf to read it)"
+    } else {
+        " (the version field is missing or invalid)"
+    }
 }
 
 fn context_suffix(context: &str) -> String {

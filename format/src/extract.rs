@@ -157,11 +157,26 @@ pub fn emit_node(
     what: &str,
     sink: &mut dyn FnMut(&[u8]) -> Result<()>,
 ) -> Result<u64> {
+    emit_node_inner(store, id, what, sink, true).map(|(len, _)| len)
+}
+
+/// As `emit_node`; with `check_sha` false the caller verifies the node's
+/// SHA-256 itself (extract does it on its writer thread) and gets the node's
+/// expected length and digest back.
+fn emit_node_inner(
+    store: &Arc<Store>,
+    id: &ChunkId,
+    what: &str,
+    sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+    check_sha: bool,
+) -> Result<(u64, Node)> {
     let node = load_node(store, id).map_err(|e| in_context(e, what))?;
     let mut sha = sha2::Sha256::new();
     let mut len = 0u64;
     let mut out = |b: &[u8]| -> Result<()> {
-        sha.update(b);
+        if check_sha {
+            sha.update(b);
+        }
         len += b.len() as u64;
         sink(b)
     };
@@ -170,6 +185,11 @@ pub fn emit_node(
             let mut r = ChunkStreamReader::new(store.clone(), data.clone());
             r.emit(data.len, &mut out)
                 .map_err(|e| in_context(e, what))?;
+            if !r.at_end().map_err(|e| in_context(e, what))? {
+                return Err(Error::Corrupt(format!(
+                    "{what}: data stream of node {id} is longer than its stated length"
+                )));
+            }
         }
         NodeBody::Tar {
             skeleton,
@@ -201,14 +221,22 @@ pub fn emit_node(
             }
         }
     }
-    let got = sha256_hex(sha);
-    if len != node.len || got != node.sha256 {
+    if len != node.len {
         return Err(Error::Verify(format!(
-            "{what}: node {id} rebuilt to {len} bytes with sha256 {got}, expected {} bytes with sha256 {}",
-            node.len, node.sha256
+            "{what}: node {id} rebuilt to {len} bytes, expected {}",
+            node.len
         )));
     }
-    Ok(len)
+    if check_sha {
+        let got = sha256_hex(sha);
+        if got != node.sha256 {
+            return Err(Error::Verify(format!(
+                "{what}: node {id} rebuilt with sha256 {got}, expected {}",
+                node.sha256
+            )));
+        }
+    }
+    Ok((len, node))
 }
 
 fn in_context(e: Error, what: &str) -> Error {
@@ -227,31 +255,72 @@ fn in_context(e: Error, what: &str) -> Error {
 pub fn extract(
     store: &Arc<Store>,
     name: &str,
-    out: &mut dyn Write,
+    out: &mut (dyn Write + Send),
     progress: Option<Arc<AtomicU64>>,
 ) -> Result<Recipe> {
+    // Shared: gc must not delete packs under a running extract.
+    let _lock = store.lock(false)?;
     let r = store.require_ref(name)?;
     let recipe =
         load_recipe(store, &r.recipe).map_err(|e| in_context(e, &format!("image {name:?}")))?;
-    let mut b3 = blake3::Hasher::new();
     let what = format!("image {name:?}");
-    emit_node(store, &recipe.root, &what, &mut |b| {
-        b3.update(b);
-        if let Some(p) = &progress {
-            p.fetch_add(b.len() as u64, Ordering::Relaxed);
+    // The whole tar's SHA-256 and BLAKE3 and the writing happen on a second
+    // thread, overlapping with rebuilding and the per-layer checks.
+    let (sha, b3) = std::thread::scope(|scope| -> Result<(String, String)> {
+        let (tx, rx) = bounded::<Vec<u8>>(8);
+        let writer = scope.spawn(move || -> Result<(String, String)> {
+            let mut sha = sha2::Sha256::new();
+            let mut b3 = blake3::Hasher::new();
+            for buf in rx {
+                sha.update(&buf);
+                b3.update(&buf);
+                out.write_all(&buf).map_err(Error::Stream)?;
+                if let Some(p) = &progress {
+                    p.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                }
+            }
+            out.flush().map_err(Error::Stream)?;
+            Ok((sha256_hex(sha), b3.finalize().to_hex().to_string()))
+        });
+        let mut pending: Vec<u8> = Vec::with_capacity(OUT_BUF);
+        let res = emit_node_inner(
+            store,
+            &recipe.root,
+            &what,
+            &mut |b| {
+                pending.extend_from_slice(b);
+                if pending.len() >= OUT_BUF {
+                    let full = std::mem::replace(&mut pending, Vec::with_capacity(OUT_BUF));
+                    if tx.send(full).is_err() {
+                        return Err(Error::Stream(std::io::Error::other("output closed")));
+                    }
+                }
+                Ok(())
+            },
+            false,
+        );
+        if res.is_ok() && !pending.is_empty() {
+            let _ = tx.send(pending);
         }
-        out.write_all(b).map_err(Error::Stream)
+        drop(tx);
+        let written = writer
+            .join()
+            .map_err(|_| Error::Corrupt("output thread panicked".into()))?;
+        // A write error explains an emit error ("output closed"), so it wins.
+        let digests = written?;
+        res?;
+        Ok(digests)
     })?;
-    let got = b3.finalize().to_hex().to_string();
-    if got != recipe.blake3 {
+    if sha != recipe.sha256 || b3 != recipe.blake3 {
         return Err(Error::Verify(format!(
-            "{what}: BLAKE3 of the rebuilt tar is {got}, recipe says {}",
-            recipe.blake3
+            "{what}: the rebuilt tar has sha256 {sha} and BLAKE3 {b3}, the recipe says {} and {}",
+            recipe.sha256, recipe.blake3
         )));
     }
-    out.flush().map_err(Error::Stream)?;
     Ok(recipe)
 }
+
+const OUT_BUF: usize = 1 << 20;
 
 /// Extracts to `path` through a temporary file beside it, renamed into place
 /// only once the whole tar has been verified.

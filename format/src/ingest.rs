@@ -443,14 +443,19 @@ impl Ingester<'_> {
         let mut sha = sha2::Sha256::new();
         let mut buf = vec![0u8; BLOCK_MAP_BLOCK];
         let mut i = 0usize;
+        let mut read = 0u64;
         loop {
             let n = read_full(member, &mut buf)?;
-            if n == 0 {
+            read += n as u64;
+            if n == 0 && read == size {
                 break;
             }
-            let same = blocks
-                .get(i * 32..i * 32 + 32)
-                .is_some_and(|want| blake3::hash(&buf[..n]).as_bytes() == want);
+            // A member cut short (truncated input) differs from the stored
+            // layer even when every block read so far matched.
+            let same = n > 0
+                && blocks
+                    .get(i * 32..i * 32 + 32)
+                    .is_some_and(|want| blake3::hash(&buf[..n]).as_bytes() == want);
             if !same {
                 // Rebuild the i matching blocks from the store, then the
                 // block in hand, then the rest of the member.

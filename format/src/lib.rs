@@ -23,6 +23,7 @@ pub mod pack;
 pub mod recipe;
 pub mod skeleton;
 pub mod store;
+pub mod synth;
 pub mod tarhdr;
 
 pub use error::{Error, Result};

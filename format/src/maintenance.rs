@@ -25,6 +25,10 @@ pub fn walk_node(
     let raw = store.read_chunk(id)?;
     visit(id, raw.len() as u32);
     let node = crate::recipe::Node::decode(&raw, id)?;
+    if let Some(b) = &node.blocks {
+        let len = store.lookup(b).map(|l| l.raw_len).unwrap_or(0);
+        visit(b, len);
+    }
     let stream = |s: &StreamRef, visit: &mut dyn FnMut(&ChunkId, u32)| -> Result<()> {
         let mut pieces = Vec::new();
         let mut data = Vec::new();
@@ -86,6 +90,9 @@ pub struct VerifyReport {
 /// decompressed and re-hashed, and every recipe is resolved down to its
 /// last chunk.
 pub fn verify(store: &Store, full: bool) -> Result<VerifyReport> {
+    // Shared: gc must not delete packs while they are being checked.
+    let _lock = store.lock(false)?;
+    store.reload_index()?;
     let mut rep = VerifyReport::default();
     let backend = store.backend();
     let files = store.index_files();
@@ -224,6 +231,10 @@ pub fn gc(store: &Store, dry_run: bool) -> Result<GcReport> {
     }
     rep.live_chunks = live.len() as u64;
     let files = store.index_files();
+    for f in &files {
+        f.check()
+            .map_err(|e| Error::Corrupt(format!("gc stopped, nothing deleted: {e}")))?;
+    }
     // Per pack: live and total stored bytes, and the live entries.
     let mut packs: BTreeMap<PackId, (u64, u64, Vec<IndexEntry>)> = BTreeMap::new();
     let mut placed: HashSet<ChunkId> = HashSet::new();
@@ -269,9 +280,21 @@ pub fn gc(store: &Store, dry_run: bool) -> Result<GcReport> {
     }
     rep.packs_deleted = drop_packs.len() + orphans.len();
     rep.packs_rewritten = rewrite.len();
-    let tmp_files: Vec<std::path::PathBuf> = std::fs::read_dir(backend.scratch_dir())
+    // Leftovers of interrupted writers: everything in the scratch directory,
+    // and atomic-write temporaries next to refs and the config. Safe to
+    // delete: gc holds the exclusive lock, so no writer is running.
+    let mut tmp_files: Vec<std::path::PathBuf> = std::fs::read_dir(backend.scratch_dir())
         .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
         .unwrap_or_default();
+    for dir in [store.root().to_path_buf(), store.root().join("refs")] {
+        if let Ok(d) = std::fs::read_dir(&dir) {
+            tmp_files.extend(
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+                    .map(|e| e.path()),
+            );
+        }
+    }
     rep.temp_files_removed = tmp_files.len();
     let nothing_to_do = drop_packs.is_empty() && rewrite.is_empty() && orphans.is_empty();
     if dry_run || (nothing_to_do && files.len() <= 1) {
@@ -295,6 +318,17 @@ pub fn gc(store: &Store, dry_run: bool) -> Result<GcReport> {
                 raw_len: e.raw_len,
             };
             let stored = pack::read_stored(backend, &e.id, &loc)?;
+            // Never carry a damaged chunk into a new pack silently.
+            let intact = decompress(&stored, e.raw_len as usize)
+                .map(|raw| ChunkId::of(&raw) == e.id)
+                .unwrap_or(false);
+            if !intact {
+                return Err(Error::Corrupt(format!(
+                    "gc stopped before deleting anything: chunk {} in pack {} is corrupt (see `wharf verify --full`)",
+                    e.id,
+                    p.name()
+                )));
+            }
             let pw = match w.as_mut() {
                 Some(pw) => pw,
                 None => w.insert(PackWriter::create(backend.scratch_dir())?),

@@ -136,10 +136,31 @@ impl Store {
 
     /// Re-reads the list of index files (after another process wrote some).
     pub fn reload_index(&self) -> Result<()> {
-        let mut files = Vec::new();
-        for name in self.backend.list(crate::backend::ObjectKind::Index)? {
-            files.push(Arc::new(IndexFile::open(&*self.backend, &name)?));
-        }
+        // A concurrent writer's compaction publishes its merged index before
+        // deleting the ones it merged, so a file that vanished between the
+        // listing and the open is covered by a newer one: list again.
+        let mut attempt = 0;
+        let files = loop {
+            attempt += 1;
+            let mut files = Vec::new();
+            let mut vanished = false;
+            for name in self.backend.list(crate::backend::ObjectKind::Index)? {
+                match IndexFile::open(&*self.backend, &name) {
+                    Ok(f) => files.push(Arc::new(f)),
+                    Err(Error::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound && attempt < 5 =>
+                    {
+                        vanished = true;
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if !vanished {
+                break files;
+            }
+        };
+        let mut files = files;
         // Larger files first: most lookups end in the big merged index.
         files.sort_by_key(|f| std::cmp::Reverse(f.len()));
         *self.index_mut()? = files;
@@ -295,8 +316,13 @@ pub fn merge_indexes(backend: &dyn Backend, files: &[Arc<IndexFile>]) -> Result<
         let Reverse((_, fi, i)) = heap.pop()?;
         let f = &files[fi];
         let mut e = f.entry(i);
-        let pack = f.packs()[e.pack_no as usize];
-        e.pack_no = packs[&pack];
+        let Some(pack) = f.packs().get(e.pack_no as usize) else {
+            return Some(Err(Error::Corrupt(format!(
+                "index {}: entry names a pack it does not list",
+                f.name
+            ))));
+        };
+        e.pack_no = packs[pack];
         if i + 1 < f.len() {
             heap.push(Reverse((f.entry(i + 1).id, fi, i + 1)));
         }

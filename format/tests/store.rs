@@ -1,0 +1,316 @@
+//! The store under stress: corruption, concurrent writers, gc, many indexes.
+
+mod common;
+use common::*;
+use std::sync::Arc;
+use wharf_format::backend::ObjectKind;
+use wharf_format::maintenance;
+use wharf_format::store::Store;
+use wharf_format::synth::{self, Layout, Scale, Version};
+
+fn image(version: Version, seed: u64) -> Vec<u8> {
+    let mut v = Vec::new();
+    synth::write_image(&mut v, Layout::Legacy, version, Scale::tiny(), seed).unwrap();
+    v
+}
+
+fn pack_paths(store: &Store) -> Vec<std::path::PathBuf> {
+    store
+        .backend()
+        .list(ObjectKind::Pack)
+        .unwrap()
+        .iter()
+        .filter_map(|n| store.backend().local_path(ObjectKind::Pack, n))
+        .collect()
+}
+
+#[test]
+fn flipped_byte_in_a_pack_is_found_and_named() {
+    let (_d, store) = new_store();
+    let a = image(Version::V1, 1);
+    add(&store, "victim", &a);
+    let b = file_bytes(300_000, 77);
+    add(&store, "bystander", &b);
+    // Corrupt the pack holding the first image's chunks, in the middle of
+    // its data (past the header of the first entry).
+    let packs = pack_paths(&store);
+    let biggest = packs
+        .iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = std::fs::read(biggest).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(biggest, &bytes).unwrap();
+
+    let rep = maintenance::verify(&store, true).unwrap();
+    assert!(!rep.errors.is_empty(), "verify --full found nothing");
+    let text = rep.errors.join("\n");
+    assert!(
+        text.contains("victim"),
+        "error does not name the image: {text}"
+    );
+    assert!(
+        text.contains("chunk"),
+        "error does not name the chunk: {text}"
+    );
+
+    let err = wharf_format::extract::extract_to_vec(&store, "victim").unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("victim"),
+        "extract error does not name the image: {msg}"
+    );
+    assert!(msg.contains("chunk") || msg.contains("sha256"), "{msg}");
+
+    // The other image lives in another pack and is unharmed.
+    assert_eq!(extract(&store, "bystander"), b);
+}
+
+#[test]
+fn extract_to_file_leaves_nothing_on_failure() {
+    let (d, store) = new_store();
+    add(&store, "x", &image(Version::V1, 2));
+    for p in pack_paths(&store) {
+        let mut bytes = std::fs::read(&p).unwrap();
+        let n = bytes.len();
+        bytes[n - 10] ^= 1;
+        std::fs::write(&p, &bytes).unwrap();
+    }
+    let out = d.path().join("out.tar");
+    assert!(wharf_format::extract::extract_to_file(&store, "x", &out, None).is_err());
+    assert!(!out.exists(), "a corrupt extract left its output behind");
+    let leftovers: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".part"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary file left: {leftovers:?}");
+}
+
+#[test]
+fn two_writers_at_once_both_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("s");
+    Store::init(&root, Default::default()).unwrap();
+    let imgs: Vec<Vec<u8>> = (0..2).map(|i| image(Version::V1, 10 + i)).collect();
+    std::thread::scope(|s| {
+        for (i, img) in imgs.iter().enumerate() {
+            let root = root.clone();
+            s.spawn(move || {
+                // Each writer opens the store on its own, as two processes would.
+                let store = Arc::new(Store::open(&root).unwrap());
+                add(&store, &format!("w{i}"), img);
+            });
+        }
+    });
+    let store = Arc::new(Store::open(&root).unwrap());
+    for (i, img) in imgs.iter().enumerate() {
+        assert_eq!(&extract(&store, &format!("w{i}")), img);
+    }
+    let rep = maintenance::verify(&store, true).unwrap();
+    assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+}
+
+#[test]
+fn many_adds_keep_the_index_compact() {
+    let (_d, store) = new_store();
+    let blobs: Vec<Vec<u8>> = (0..12).map(|i| file_bytes(100_000, 500 + i)).collect();
+    for (i, b) in blobs.iter().enumerate() {
+        add(&store, &format!("b{i}"), b);
+    }
+    let n = store.index_files().len();
+    assert!(n <= wharf_format::store::MAX_INDEX_FILES, "{n} index files");
+    let reopened = Arc::new(Store::open(store.root()).unwrap());
+    for (i, b) in blobs.iter().enumerate() {
+        assert_eq!(&extract(&reopened, &format!("b{i}")), b);
+    }
+}
+
+#[test]
+fn rm_and_gc_free_space_and_keep_the_rest() {
+    let (_d, store) = new_store();
+    let keep = image(Version::V1, 3);
+    let drop = file_bytes(2_000_000, 4);
+    add(&store, "keep", &keep);
+    add(&store, "drop", &drop);
+    let before: u64 = pack_paths(&store)
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    store.remove_ref("drop").unwrap();
+    let dry = maintenance::gc(&store, true).unwrap();
+    assert!(
+        dry.bytes_freed > 500_000,
+        "dry run frees {}",
+        dry.bytes_freed
+    );
+    let after_dry: u64 = pack_paths(&store)
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert_eq!(before, after_dry, "dry run changed the store");
+    maintenance::gc(&store, false).unwrap();
+    let after: u64 = pack_paths(&store)
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(
+        after + 500_000 < before,
+        "gc freed only {} bytes",
+        before - after
+    );
+    assert_eq!(extract(&store, "keep"), keep);
+    let rep = maintenance::verify(&store, true).unwrap();
+    assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+    assert!(rep.notes.is_empty(), "{:?}", rep.notes);
+    // Adding the dropped bytes again works and stores them anew.
+    let r = add(&store, "drop", &drop);
+    assert!(r.new_bytes >= drop.len() as u64 / 2);
+    assert_eq!(extract(&store, "drop"), drop);
+}
+
+fn outer_tar(members: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut w = synth::TarWriter::new(Vec::new());
+    for (n, b) in members {
+        w.file(n, 0o644, 1_700_000_000, b).unwrap();
+    }
+    w.finish().unwrap();
+    w.into_inner()
+}
+
+#[test]
+fn gc_rewrites_a_pack_that_is_partly_dead() {
+    let (_d, store) = new_store();
+    let x = file_bytes(1_500_000, 11);
+    let y = file_bytes(1_500_000, 12);
+    // One add puts X and Y in one pack; B only references X.
+    let a = outer_tar(&[("x.bin", &x), ("y.bin", &y)]);
+    let b = outer_tar(&[("x.bin", &x), ("readme", b"b")]);
+    add(&store, "a", &a);
+    add(&store, "b", &b);
+    store.remove_ref("a").unwrap();
+    let before: u64 = pack_paths(&store)
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    let rep = maintenance::gc(&store, false).unwrap();
+    assert_eq!(rep.packs_rewritten, 1, "{rep:?}");
+    let after: u64 = pack_paths(&store)
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(
+        after * 10 < before * 7,
+        "rewrite freed too little: {before} -> {after}"
+    );
+    assert_eq!(extract(&store, "b"), b);
+    let v = maintenance::verify(&store, true).unwrap();
+    assert!(v.errors.is_empty() && v.notes.is_empty(), "{v:?}");
+}
+
+#[test]
+fn missing_name_and_missing_store_say_what_to_do() {
+    let (d, store) = new_store();
+    let e = wharf_format::extract::extract_to_vec(&store, "nope").unwrap_err();
+    assert!(
+        e.to_string().contains("nope") && e.to_string().contains("wharf ls"),
+        "{e}"
+    );
+    let e = Store::open(&d.path().join("elsewhere")).err().unwrap();
+    assert!(e.to_string().contains("wharf init"), "{e}");
+}
+
+#[test]
+fn a_newer_store_version_is_refused_clearly() {
+    let (_d, store) = new_store();
+    let cfg = store.root().join("config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"wharf_store\": 1", "\"wharf_store\": 99");
+    std::fs::write(&cfg, text).unwrap();
+    let e = Store::open(store.root()).err().unwrap().to_string();
+    assert!(e.contains("newer") && e.contains("99"), "{e}");
+}
+
+/// A reused layer (same OCI digest) must still round-trip, and a layer at
+/// the same legacy path with different bytes must not be taken for it.
+#[test]
+fn whole_layer_reuse_is_exact() {
+    let (_d, store) = new_store();
+    let mut oci1 = Vec::new();
+    synth::write_image(&mut oci1, Layout::Oci, Version::V1, Scale::tiny(), 9).unwrap();
+    let mut oci2 = Vec::new();
+    synth::write_image(&mut oci2, Layout::Oci, Version::V2, Scale::tiny(), 9).unwrap();
+    assert_round_trip(&store, "o1", &oci1);
+    let rep = assert_round_trip(&store, "o2", &oci2);
+    assert!(rep.new_bytes < oci2.len() as u64 / 2);
+    // Same bytes but one flipped in the middle of the largest member: the
+    // block map must catch it and the result must still be exact.
+    let mut tweaked = oci1.clone();
+    let mid = tweaked.len() / 2;
+    tweaked[mid] ^= 0x01;
+    assert_round_trip(&store, "tweaked", &tweaked);
+}
+
+fn oci_like(layer: &[u8]) -> Vec<u8> {
+    outer_tar(&[
+        (&format!("blobs/sha256/{}", sha(layer)), layer),
+        ("index.json", b"{}"),
+    ])
+}
+
+fn big_layer(seed: u64) -> Vec<u8> {
+    let mut w = synth::TarWriter::new(Vec::new());
+    for i in 0..12 {
+        w.file(
+            &format!("usr/lib/f{i}"),
+            0o644,
+            1_700_000_000,
+            &file_bytes(300_000, seed + i),
+        )
+        .unwrap();
+    }
+    w.finish().unwrap();
+    w.into_inner()
+}
+
+/// A stored layer that arrives again cut short exactly at a block-map
+/// boundary matches every block read: it must still be stored as what it is.
+#[test]
+fn known_layer_truncated_at_a_block_boundary_is_stored_exactly() {
+    let (_d, store) = new_store();
+    let layer = big_layer(1);
+    assert!(layer.len() > 3 << 20);
+    let img = oci_like(&layer);
+    assert_round_trip(&store, "whole", &img);
+    for cut in [512 + (1 << 20), 512 + (2 << 20), 512 + layer.len() - 1] {
+        assert_round_trip(&store, &format!("cut-{cut}"), &img[..cut]);
+    }
+    assert!(maintenance::verify(&store, true).unwrap().errors.is_empty());
+}
+
+/// gc keeps the block maps of live layers, so the whole-layer fast path
+/// keeps working after a gc.
+#[test]
+fn gc_keeps_block_maps_of_live_layers() {
+    let (_d, store) = new_store();
+    let keep = oci_like(&big_layer(2));
+    add(&store, "keep", &keep);
+    add(&store, "drop", &oci_like(&big_layer(3)));
+    store.remove_ref("drop").unwrap();
+    maintenance::gc(&store, false).unwrap();
+    let r = store.require_ref("keep").unwrap();
+    let recipe = wharf_format::extract::load_recipe(&store, &r.recipe).unwrap();
+    assert!(!recipe.layers.is_empty());
+    for l in &recipe.layers {
+        let node = wharf_format::extract::load_node(&store, &l.node).unwrap();
+        let blocks = node.blocks.expect("layers carry a block map");
+        assert!(
+            store.contains(&blocks),
+            "gc dropped the block map of {}",
+            l.path
+        );
+    }
+    assert_round_trip(&store, "again", &keep);
+}
