@@ -115,7 +115,7 @@ fn main() {
     }
 }
 
-fn open_store(path: &PathBuf) -> Result<Arc<Store>> {
+fn open_store(path: &std::path::Path) -> Result<Arc<Store>> {
     Ok(Arc::new(Store::open(path)?))
 }
 

@@ -35,21 +35,12 @@ pub const BLOB_NODE_MIN: u64 = 64 << 10;
 const META_MAX: u64 = 1 << 20;
 const READ_BUF: usize = 256 << 10;
 
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct AddOptions {
     /// Compression threads (0 = all cores).
     pub threads: usize,
     /// Counts input bytes read, for progress display.
     pub progress: Option<Arc<AtomicU64>>,
-}
-
-impl Default for AddOptions {
-    fn default() -> Self {
-        AddOptions {
-            threads: 0,
-            progress: None,
-        }
-    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

@@ -35,7 +35,7 @@ pub struct StreamRef {
 }
 
 fn is_boundary(e: &Entry, count: usize) -> bool {
-    count >= MAX_PIECE || (count >= MIN_PIECE && e.0.prefix_u64() % FANOUT == 0)
+    count >= MAX_PIECE || (count >= MIN_PIECE && e.0.prefix_u64().is_multiple_of(FANOUT))
 }
 
 pub fn encode_entries(entries: &[Entry]) -> Vec<u8> {
@@ -48,7 +48,7 @@ pub fn encode_entries(entries: &[Entry]) -> Vec<u8> {
 }
 
 pub fn decode_entries(piece: &[u8], id: &ChunkId) -> Result<Vec<Entry>> {
-    if piece.len() % ENTRY_LEN != 0 {
+    if !piece.len().is_multiple_of(ENTRY_LEN) {
         return Err(Error::Corrupt(format!(
             "list piece {id}: length {} is not a multiple of {ENTRY_LEN}",
             piece.len()
@@ -151,8 +151,11 @@ impl ListWriter {
 
 /// Walks the data chunk entries of a StreamRef in order, loading one piece
 /// per level at a time.
+/// Loads a list piece by id.
+type PieceLoader<'a> = Box<dyn FnMut(&ChunkId) -> Result<Vec<u8>> + Send + 'a>;
+
 pub struct ListReader<'a> {
-    load: Box<dyn FnMut(&ChunkId) -> Result<Vec<u8>> + Send + 'a>,
+    load: PieceLoader<'a>,
     /// Per level, top first: entries and the position of the next one. The
     /// last frame holds data entries when the stack is `levels` deep.
     stack: Vec<(Vec<Entry>, usize)>,

@@ -359,7 +359,7 @@ pub fn gc(store: &Store, dry_run: bool) -> Result<GcReport> {
             entries.push(e);
         }
     }
-    entries.sort_by(|a, b| a.id.cmp(&b.id));
+    entries.sort_by_key(|e| e.id);
     entries.dedup_by(|a, b| a.id == b.id);
     let new_index = pack::write_index(backend, &pack_list, entries.into_iter().map(Ok))?;
     let old_indexes = files.iter().map(|f| f.name.clone()).chain(own_indexes);

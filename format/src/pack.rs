@@ -165,7 +165,7 @@ impl PackWriter {
         drop(self.out);
         backend.put_file(ObjectKind::Pack, &pack.name(), &self.path)?;
         let mut entries = std::mem::take(&mut self.entries);
-        entries.sort_by(|a, b| a.id.cmp(&b.id));
+        entries.sort_by_key(|e| e.id);
         entries.dedup_by(|a, b| a.id == b.id);
         let idx = write_index(backend, &[pack], entries.into_iter().map(Ok))?;
         Ok((pack, idx))
@@ -298,7 +298,7 @@ impl IndexFile {
         let fanout_at = packs_at + npacks * 32;
         let entries_at = fanout_at + FANOUT_LEN;
         let expect = entries_at
-            .checked_add(count.checked_mul(INDEX_ENTRY_LEN).unwrap_or(usize::MAX))
+            .checked_add(count.saturating_mul(INDEX_ENTRY_LEN))
             .and_then(|v| v.checked_add(32));
         if expect != Some(map.len()) {
             return Err(corrupt("length does not match its entry count"));

@@ -45,7 +45,7 @@ pub fn file_bytes(len: usize, seed: u64) -> Vec<u8> {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        if x % 4 == 0 {
+        if x.is_multiple_of(4) {
             v.extend_from_slice(b"def function_name(arg):\n    return arg * 2\n");
         } else {
             v.extend_from_slice(&x.to_le_bytes());
