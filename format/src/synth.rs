@@ -67,7 +67,8 @@ pub struct Scale {
 }
 
 impl Scale {
-    /// About 50 MB per image.
+    /// About 46 MB per image (base 16 MB, pip 19 MB, app 10 MB); builds in
+    /// about 0.2 s in release mode.
     pub fn demo() -> Self {
         Scale {
             base_files: 1600,
@@ -78,7 +79,7 @@ impl Scale {
         }
     }
 
-    /// About 3 MB per image.
+    /// About 3.6 MB per image.
     pub fn tiny() -> Self {
         Scale {
             base_files: 160,
@@ -136,6 +137,7 @@ struct Hdr<'a> {
 }
 
 impl<W: Write> TarWriter<W> {
+    /// Writes to `w`; nothing is buffered or padded behind the caller's back.
     pub fn new(w: W) -> Self {
         TarWriter { w }
     }
@@ -218,6 +220,7 @@ impl<W: Write> TarWriter<W> {
         self.w.write_all(&ZEROS)
     }
 
+    /// The underlying writer.
     pub fn into_inner(self) -> W {
         self.w
     }
@@ -2423,8 +2426,6 @@ fn base_layer(seed: u64, scale: &Scale, isa: &Isa, tm: &Times) -> Tree {
         conf_text(&mut rng, size).into_bytes(),
     );
 
-    // Doc directories keep their package mtimes; every other directory was
-    // touched while the image was built.
     tree
 }
 
