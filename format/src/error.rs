@@ -96,6 +96,12 @@ impl From<std::io::Error> for Error {
     }
 }
 
+impl From<Error> for std::io::Error {
+    fn from(e: Error) -> Self {
+        e.into_io()
+    }
+}
+
 impl Error {
     /// Wraps this error into an `io::Error` so it can cross a `Read` boundary
     /// and be recovered intact by `From<io::Error>`.

@@ -7,6 +7,7 @@
 //! written: `extract_to_file` writes to a temporary file and renames only on
 //! success.
 
+use crate::chanread::ChannelReader;
 use crate::error::{Error, IoContext, Result};
 use crate::hash::{sha256_hex, ChunkId};
 use crate::list::{ListReader, StreamRef};
@@ -371,74 +372,39 @@ pub fn extract_to_vec(store: &Arc<Store>, name: &str) -> Result<Vec<u8>> {
 /// The first `limit` bytes of a node as a `Read`, rebuilt on a background
 /// thread. Used by add to replay the part of a layer that matched a stored
 /// one before it started to differ.
-pub struct NodePrefixReader {
-    rx: Receiver<Result<Vec<u8>>>,
-    cur: Vec<u8>,
-    pos: usize,
-}
-
-impl NodePrefixReader {
-    pub fn new(store: Arc<Store>, node: ChunkId, limit: u64) -> Self {
-        let (tx, rx) = bounded::<Result<Vec<u8>>>(16);
-        if limit == 0 {
-            return NodePrefixReader {
-                rx,
-                cur: Vec::new(),
-                pos: 0,
-            };
-        }
-        std::thread::spawn(move || {
-            let mut left = limit;
-            let res = emit_node(&store, &node, "stored layer", &mut |b| {
-                let take = (b.len() as u64).min(left) as usize;
-                if take > 0 && tx.send(Ok(b[..take].to_vec())).is_err() {
-                    return Err(Error::Invalid("reader gone".into()));
-                }
-                left -= take as u64;
-                if left == 0 {
-                    // Stop early; not an error for the reader.
-                    return Err(Error::Invalid(PREFIX_DONE.into()));
-                }
-                Ok(())
-            });
-            match res {
-                Err(Error::Invalid(m)) if m == PREFIX_DONE => {}
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                }
-                Ok(_) if left > 0 => {
-                    let _ = tx.send(Err(Error::Corrupt(
-                        "stored layer shorter than expected".into(),
-                    )));
-                }
-                Ok(_) => {}
-            }
-        });
-        NodePrefixReader {
-            rx,
-            cur: Vec::new(),
-            pos: 0,
-        }
+pub fn node_prefix_reader(store: Arc<Store>, node: ChunkId, limit: u64) -> ChannelReader<Error> {
+    let (tx, rx) = bounded::<Result<Vec<u8>>>(16);
+    if limit == 0 {
+        return ChannelReader::new(rx);
     }
+    std::thread::spawn(move || {
+        let mut left = limit;
+        let res = emit_node(&store, &node, "stored layer", &mut |b| {
+            let take = (b.len() as u64).min(left) as usize;
+            if take > 0 && tx.send(Ok(b[..take].to_vec())).is_err() {
+                return Err(Error::Invalid("reader gone".into()));
+            }
+            left -= take as u64;
+            if left == 0 {
+                // Stop early; not an error for the reader.
+                return Err(Error::Invalid(PREFIX_DONE.into()));
+            }
+            Ok(())
+        });
+        match res {
+            Err(Error::Invalid(m)) if m == PREFIX_DONE => {}
+            Err(e) => {
+                let _ = tx.send(Err(e));
+            }
+            Ok(_) if left > 0 => {
+                let _ = tx.send(Err(Error::Corrupt(
+                    "stored layer shorter than expected".into(),
+                )));
+            }
+            Ok(_) => {}
+        }
+    });
+    ChannelReader::new(rx)
 }
 
 const PREFIX_DONE: &str = "prefix complete";
-
-impl Read for NodePrefixReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.pos >= self.cur.len() {
-            match self.rx.recv() {
-                Ok(Ok(b)) => {
-                    self.cur = b;
-                    self.pos = 0;
-                }
-                Ok(Err(e)) => return Err(e.into_io()),
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = (self.cur.len() - self.pos).min(buf.len());
-        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
-}

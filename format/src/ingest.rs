@@ -9,6 +9,7 @@
 //! awareness only ever decides how bytes are grouped, never which bytes are
 //! kept.
 
+use crate::chanread::ChannelReader;
 use crate::chunker::{ChunkParams, Chunker};
 use crate::error::{Error, Result};
 use crate::hash::{sha256_hex, ChunkId};
@@ -17,7 +18,7 @@ use crate::recipe::{LayerInfo, Node, NodeBody, Recipe, BLOCK_MAP_BLOCK, RECIPE_V
 use crate::skeleton::SkeletonWriter;
 use crate::store::{ChunkWriter, RefValue, Store};
 use crate::tarhdr::{self, EntryKind, BLOCK};
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Sender};
 use sha2::Digest;
 use std::collections::HashMap;
 use std::io::{Cursor, Read};
@@ -95,11 +96,7 @@ pub fn add(
         let (dtx, drx) = bounded::<(String, String)>(1);
         let progress = opts.progress.clone();
         scope.spawn(move || read_and_hash(input, tx, dtx, progress));
-        let mut chan = ChannelReader {
-            rx,
-            cur: Vec::new(),
-            pos: 0,
-        };
+        let mut chan = ChannelReader::new(rx);
         let blake3 = std::cell::RefCell::new(String::new());
         let digest = || -> Result<String> {
             let (sha, b3) = drx
@@ -286,31 +283,6 @@ fn read_and_hash(
     let _ = digests.send((sha256_hex(sha), b3.finalize().to_hex().to_string()));
 }
 
-struct ChannelReader {
-    rx: Receiver<std::io::Result<Vec<u8>>>,
-    cur: Vec<u8>,
-    pos: usize,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.pos >= self.cur.len() {
-            match self.rx.recv() {
-                Ok(Ok(b)) => {
-                    self.cur = b;
-                    self.pos = 0;
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = (self.cur.len() - self.pos).min(buf.len());
-        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
-}
-
 /// Reads until `buf` is full or the input ends; returns the count.
 pub fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> Result<usize> {
     let mut got = 0;
@@ -450,7 +422,7 @@ impl Ingester<'_> {
             if !same {
                 // Rebuild the i matching blocks from the store, then the
                 // block in hand, then the rest of the member.
-                let prefix = crate::extract::NodePrefixReader::new(
+                let prefix = crate::extract::node_prefix_reader(
                     store.clone(),
                     candidate,
                     (i * BLOCK_MAP_BLOCK) as u64,

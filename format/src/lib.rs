@@ -12,6 +12,7 @@
 //! The byte layouts are specified in `spec/FORMAT.md` at the repository root.
 
 pub mod backend;
+pub mod chanread;
 pub mod chunker;
 pub mod error;
 pub mod extract;
