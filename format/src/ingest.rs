@@ -14,7 +14,9 @@ use crate::chunker::{ChunkParams, Chunker};
 use crate::error::{Error, Result};
 use crate::hash::{sha256_hex, ChunkId};
 use crate::list::{Entry, ListWriter, StreamRef};
-use crate::recipe::{LayerInfo, Node, NodeBody, Recipe, BLOCK_MAP_BLOCK, RECIPE_VERSION};
+use crate::recipe::{
+    Compression, LayerInfo, Node, NodeBody, Recipe, BLOCK_MAP_BLOCK, RECIPE_VERSION,
+};
 use crate::skeleton::SkeletonWriter;
 use crate::store::{ChunkWriter, RefValue, Store};
 use crate::tarhdr::{self, EntryKind, BLOCK};
@@ -88,6 +90,7 @@ pub fn add(
         params: store.config.chunking,
         layers: Vec::new(),
         known: KnownLayers::load(store)?,
+        compression: None,
     };
     // The whole tar's SHA-256 and BLAKE3 are computed on a reader thread, so
     // they overlap with the walk instead of adding to it.
@@ -334,6 +337,8 @@ struct Ingester<'w> {
     params: ChunkParams,
     layers: Vec<LayerInfo>,
     known: KnownLayers,
+    /// How the compressed member just stored was handled, for its layers entry.
+    compression: Option<Compression>,
 }
 
 /// Layers of the images already in the store, for the whole-layer fast path.
@@ -341,6 +346,8 @@ struct Ingester<'w> {
 pub struct KnownLayers {
     by_sha: HashMap<String, ChunkId>,
     by_path_len: HashMap<(String, u64), ChunkId>,
+    /// How each compressed layer was stored, carried over when it is reused.
+    compression: HashMap<ChunkId, Compression>,
 }
 
 impl KnownLayers {
@@ -354,6 +361,9 @@ impl KnownLayers {
             for l in rec.layers {
                 k.by_sha.insert(l.sha256.clone(), l.node);
                 k.by_path_len.insert((l.path.clone(), l.len), l.node);
+                if let Some(c) = l.compression {
+                    k.compression.insert(l.node, c);
+                }
             }
         }
         Ok(k)
@@ -458,7 +468,15 @@ impl Ingester<'_> {
         };
         let body = if split && depth <= MAX_DEPTH {
             self.split_tar(first, r, depth)?
+        } else if (1..=MAX_DEPTH).contains(&depth) && crate::gzip::is_gzip(&first) {
+            self.gzip_or_raw(first, r, depth)?
         } else {
+            if depth == 1 && crate::gzip::is_zstd(&first) {
+                self.compression = Some(Compression::raw(
+                    "zstd",
+                    "zstd frames are stored as they are (recompression not implemented)",
+                ));
+            }
             let mut data = DataStream::new(self.params);
             data.push(self.w, &first)?;
             copy_rest(r, &mut |b| data.push(self.w, b))?;
@@ -471,7 +489,7 @@ impl Ingester<'_> {
             None => None,
         };
         let node = Node {
-            wharf_node: crate::recipe::NODE_VERSION,
+            wharf_node: Node::version_for(&body),
             len: r.len,
             sha256: r.sha256()?,
             blocks,
@@ -594,6 +612,10 @@ impl Ingester<'_> {
                                 sha256: node.sha256.clone(),
                                 node: child,
                                 kind: node.kind().to_string(),
+                                compression: self
+                                    .compression
+                                    .take()
+                                    .or_else(|| self.known.compression.get(&child).cloned()),
                             });
                         }
                     } else {
@@ -644,5 +666,97 @@ fn copy_rest(r: &mut dyn Read, f: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result
             Err(e) => return Err(e.into()),
         };
         f(&buf[..n])?;
+    }
+}
+
+impl Ingester<'_> {
+    /// A member that starts with gzip magic: stored by its plaintext plus
+    /// reconstruction data when the compressed bytes rebuild exactly from
+    /// what is stored, else as plain chunks (the body `node` would give it
+    /// anyway). The member is spooled to the scratch directory, since the
+    /// input cannot be read twice.
+    fn gzip_or_raw(
+        &mut self,
+        first: Vec<u8>,
+        r: &mut HashingReader,
+        depth: u32,
+    ) -> Result<NodeBody> {
+        use crate::gzip;
+        let scratch = self.w.store().backend().scratch_dir().to_path_buf();
+        let (spool, spool_file) = gzip::ScratchFile::create(&scratch, "gzip")?;
+        let (recon, recon_file) = gzip::ScratchFile::create(&scratch, "gzip-recon")?;
+        let mut spool_w = std::io::BufWriter::with_capacity(1 << 20, spool_file);
+        let mut recon_w = std::io::BufWriter::with_capacity(1 << 20, recon_file);
+        let mut input = Cursor::new(first).chain(&mut *r);
+        let analysis = gzip::analyze(&mut input, &mut spool_w, &mut recon_w)?;
+        std::io::Write::flush(&mut spool_w).map_err(Error::Stream)?;
+        std::io::Write::flush(&mut recon_w).map_err(Error::Stream)?;
+        drop((spool_w, recon_w));
+        let reason = match analysis.outcome {
+            Err(reason) => reason,
+            Ok(plan) => match self.gzip_plain(&spool.path, &recon.path, &plan, r, depth)? {
+                Ok(body) => {
+                    if depth == 1 {
+                        self.compression = Some(Compression {
+                            format: "gzip".into(),
+                            method: "preflate".into(),
+                            recon_len: Some(plan.recon_len),
+                            plain_len: Some(plan.plain_len),
+                            members: Some(plan.deflate.len() as u64),
+                            reason: None,
+                        });
+                    }
+                    return Ok(body);
+                }
+                Err(reason) => reason,
+            },
+        };
+        // Fallback: exactly the raw node the member would have been.
+        let mut data = DataStream::new(self.params);
+        let mut f = std::fs::File::open(&spool.path).map_err(Error::Stream)?;
+        copy_rest(&mut f, &mut |b| data.push(self.w, b))?;
+        if depth == 1 {
+            self.compression = Some(Compression::raw("gzip", &reason));
+        }
+        Ok(NodeBody::Raw {
+            data: data.finish(self.w)?,
+        })
+    }
+
+    /// Pass two: stores the plaintext as a node (split like any layer),
+    /// rebuilding the compressed bytes from it and the reconstruction stream
+    /// as it goes; keeps the result only if they match the member exactly.
+    fn gzip_plain(
+        &mut self,
+        spool: &std::path::Path,
+        recon: &std::path::Path,
+        plan: &crate::gzip::Plan,
+        r: &mut HashingReader,
+        depth: u32,
+    ) -> Result<std::result::Result<NodeBody, String>> {
+        let mut plain = crate::gzip::PlainReader::new(spool, recon, plan)?;
+        let mut hr = HashingReader::new(&mut plain, false, None);
+        let stored = self
+            .node(&mut hr, depth + 1, b"")
+            .and_then(|out| copy_rest(&mut hr, &mut |_| Ok(())).map(|_| out));
+        drop(hr);
+        let (plain_id, plain_node) = match (stored, plain.failure.take()) {
+            (_, Some(why)) => return Ok(Err(format!("rebuilding the gzip bytes failed: {why}"))),
+            (Err(e), None) => return Err(e),
+            (Ok(out), None) => out,
+        };
+        let (len, sha) = plain.rebuilt()?;
+        if len != r.len || sha != r.sha256()? || plain_node.len != plan.plain_len {
+            return Ok(Err(format!(
+                "the bytes rebuilt from the plaintext differ from the original ({len} bytes, sha256 {sha})"
+            )));
+        }
+        let mut stream = DataStream::new(self.params);
+        let mut f = std::fs::File::open(recon).map_err(Error::Stream)?;
+        copy_rest(&mut f, &mut |b| stream.push(self.w, b))?;
+        Ok(Ok(NodeBody::Gzip {
+            plain: plain_id,
+            recon: stream.finish(self.w)?,
+        }))
     }
 }

@@ -7,6 +7,7 @@
 //!   large immutable packs, sorted memory-mapped indexes, atomic refs).
 //! - [`list`], [`recipe`]: how a stored byte stream is described.
 //! - [`ingest`], [`extract`]: `add` and byte-identical rebuild.
+//! - [`gzip`]: gzip layers stored by their plaintext and rebuilt exactly (preflate).
 //! - [`maintenance`]: `verify`, `gc`, and per-image statistics.
 //!
 //! The byte layouts are specified in `spec/FORMAT.md` at the repository root.
@@ -16,6 +17,7 @@ pub mod chanread;
 pub mod chunker;
 pub mod error;
 pub mod extract;
+pub mod gzip;
 pub mod hash;
 pub mod ingest;
 pub mod list;

@@ -14,7 +14,13 @@ use crate::hash::ChunkId;
 use crate::list::StreamRef;
 use serde::{Deserialize, Serialize};
 
+/// Version written on `raw` and `tar` nodes (their ids stay what they were).
 pub const NODE_VERSION: u64 = 1;
+/// Version written on `gzip` nodes: version 2 is version 1 plus that kind, so
+/// a reader that predates it reports a version to upgrade for, not damage.
+pub const GZIP_NODE_VERSION: u64 = 2;
+/// Highest node version this wharf reads.
+pub const MAX_NODE_VERSION: u64 = GZIP_NODE_VERSION;
 pub const RECIPE_VERSION: u64 = 1;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -47,6 +53,13 @@ pub enum NodeBody {
         data: StreamRef,
         children: Vec<ChunkId>,
     },
+    /// A gzip stream stored by its plaintext (node `plain`, typically a
+    /// `tar`) plus what preflate needs to regenerate the exact compressed
+    /// bytes (`recon`, spec/FORMAT.md §8.5).
+    Gzip {
+        plain: ChunkId,
+        recon: StreamRef,
+    },
 }
 
 impl Node {
@@ -54,6 +67,15 @@ impl Node {
         match self.body {
             NodeBody::Raw { .. } => "raw",
             NodeBody::Tar { .. } => "tar",
+            NodeBody::Gzip { .. } => "gzip",
+        }
+    }
+
+    /// The version a writer puts on a node with this body.
+    pub fn version_for(body: &NodeBody) -> u64 {
+        match body {
+            NodeBody::Gzip { .. } => GZIP_NODE_VERSION,
+            _ => NODE_VERSION,
         }
     }
 
@@ -61,12 +83,15 @@ impl Node {
         let v: serde_json::Value = serde_json::from_slice(bytes)
             .map_err(|e| Error::Corrupt(format!("node {id}: not valid JSON: {e}")))?;
         let version = v.get("wharf_node").and_then(|x| x.as_u64()).unwrap_or(0);
-        if version != NODE_VERSION {
+        let gzip = v.get("kind").and_then(|k| k.as_str()) == Some("gzip");
+        if !(NODE_VERSION..=MAX_NODE_VERSION).contains(&version)
+            || (gzip && version < GZIP_NODE_VERSION)
+        {
             return Err(Error::UnsupportedVersion {
                 path: format!("node {id}"),
                 what: "node",
                 found: version,
-                supported: NODE_VERSION,
+                supported: MAX_NODE_VERSION,
             });
         }
         serde_json::from_value(v).map_err(|e| Error::Corrupt(format!("node {id}: {e}")))
@@ -85,8 +110,49 @@ pub struct LayerInfo {
     pub len: u64,
     pub sha256: String,
     pub node: ChunkId,
-    /// "tar" when split into skeleton and data, "raw" when chunked as bytes.
+    /// "tar" when split into skeleton and data, "raw" when chunked as bytes,
+    /// "gzip" when stored by its decompressed content.
     pub kind: String,
+    /// For a compressed member (found by its magic bytes): how it was
+    /// stored and, when as plain chunks, why. Absent for other members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
+}
+
+/// How a compressed layer was stored, for `wharf info`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Compression {
+    /// "gzip" or "zstd".
+    pub format: String,
+    /// "preflate" (stored decompressed, rebuilt exactly) or "raw" (the
+    /// compressed bytes stored as plain chunks).
+    pub method: String,
+    /// Bytes of the reconstruction stream (method "preflate").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recon_len: Option<u64>,
+    /// Length of the decompressed content (method "preflate").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plain_len: Option<u64>,
+    /// Number of gzip members (method "preflate").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<u64>,
+    /// Why the compressed bytes were stored as they are (method "raw").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl Compression {
+    /// A compressed member stored as plain chunks, and why.
+    pub fn raw(format: &str, reason: &str) -> Compression {
+        Compression {
+            format: format.into(),
+            method: "raw".into(),
+            recon_len: None,
+            plain_len: None,
+            members: None,
+            reason: Some(reason.into()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
