@@ -192,6 +192,16 @@ impl Store {
         self.lookup(id).is_some()
     }
 
+    /// A chunk's compressed bytes as stored, and its uncompressed length,
+    /// for sending to another store without recompressing.
+    pub fn read_stored(&self, id: &ChunkId) -> Result<(u32, Vec<u8>)> {
+        let loc = self.lookup(id).ok_or_else(|| Error::MissingChunk {
+            chunk: id.to_hex(),
+            context: String::new(),
+        })?;
+        Ok((loc.raw_len, pack::read_stored(&*self.backend, id, &loc)?))
+    }
+
     /// Reads a chunk, decompresses it and checks its BLAKE3.
     pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
         let loc = self.lookup(id).ok_or_else(|| Error::MissingChunk {
@@ -378,6 +388,8 @@ pub struct ChunkWriter {
     store: Arc<Store>,
     pending: Arc<Mutex<HashSet<ChunkId>>>,
     to_compress: Option<Sender<(ChunkId, Vec<u8>)>>,
+    /// Chunks that arrive already compressed (transfers) skip the workers.
+    to_writer: Option<Sender<ToWriter>>,
     workers: Vec<JoinHandle<Result<()>>>,
     writer: Option<JoinHandle<Result<()>>>,
     /// The first error of a pipeline thread, for the caller whose `put` found
@@ -388,6 +400,14 @@ pub struct ChunkWriter {
 
 impl ChunkWriter {
     pub fn new(store: Arc<Store>, threads: usize) -> Result<Self> {
+        let target = store.config.pack_target;
+        Self::with_pack_target(store, threads, target)
+    }
+
+    /// As `new`, publishing packs once they reach `pack_target` bytes: a
+    /// transfer uses a smaller target so an interrupted one keeps more of
+    /// what arrived.
+    pub fn with_pack_target(store: Arc<Store>, threads: usize, pack_target: u64) -> Result<Self> {
         let threads = threads.max(1);
         let (ctx, crx) = bounded::<(ChunkId, Vec<u8>)>(threads * 16);
         let (wtx, wrx) = bounded::<ToWriter>(threads * 16);
@@ -412,7 +432,6 @@ impl ChunkWriter {
                 remember_failure(run(), &failure)
             }));
         }
-        drop(wtx);
         let pending = Arc::new(Mutex::new(HashSet::new()));
         let stats = Arc::new(WriteStats::default());
         let writer = {
@@ -421,13 +440,17 @@ impl ChunkWriter {
             let stats = stats.clone();
             let failure = failure.clone();
             std::thread::spawn(move || {
-                remember_failure(write_packs(store, wrx, pending, stats), &failure)
+                remember_failure(
+                    write_packs(store, wrx, pending, stats, pack_target),
+                    &failure,
+                )
             })
         };
         Ok(ChunkWriter {
             store,
             pending,
             to_compress: Some(ctx),
+            to_writer: Some(wtx),
             workers,
             writer: Some(writer),
             failure,
@@ -486,6 +509,49 @@ impl ChunkWriter {
         Ok(true)
     }
 
+    /// Stores a chunk that arrived compressed (from another store), after
+    /// checking that it decompresses to bytes with the given id. Returns
+    /// false when the chunk was already present.
+    pub fn put_stored(&self, id: ChunkId, raw_len: u32, stored: Vec<u8>) -> Result<bool> {
+        let raw = decompress(&stored, raw_len as usize)
+            .map_err(|e| Error::Corrupt(format!("received chunk {id}: cannot decompress: {e}")))?;
+        if raw.len() != raw_len as usize || ChunkId::of(&raw) != id {
+            return Err(Error::Corrupt(format!(
+                "received chunk {id}: content does not match its hash"
+            )));
+        }
+        self.stats.chunks_in.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_in
+            .fetch_add(raw_len as u64, Ordering::Relaxed);
+        if self.store.contains(&id) {
+            return Ok(false);
+        }
+        {
+            let mut p = self
+                .pending
+                .lock()
+                .map_err(|_| Error::Corrupt("pending set lock poisoned".into()))?;
+            if !p.insert(id) {
+                return Ok(false);
+            }
+        }
+        self.stats.chunks_new.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_new
+            .fetch_add(raw_len as u64, Ordering::Relaxed);
+        let sent = match &self.to_writer {
+            Some(tx) => tx.send(ToWriter::Chunk(id, raw_len, stored)).is_ok(),
+            None => false,
+        };
+        if !sent {
+            let failure = self.failure.lock().ok().and_then(|mut f| f.take());
+            return Err(failure
+                .unwrap_or_else(|| Error::Corrupt("chunk writer stopped unexpectedly".into())));
+        }
+        Ok(true)
+    }
+
     fn stop(&mut self) -> Result<()> {
         self.to_compress = None;
         let mut first_err = None;
@@ -500,6 +566,8 @@ impl ChunkWriter {
                 }
             }
         }
+        // The workers have exited; the last sender closes the writer's queue.
+        self.to_writer = None;
         if let Some(w) = self.writer.take() {
             match w.join() {
                 Ok(Ok(())) => {}
@@ -554,6 +622,7 @@ fn write_packs(
     rx: Receiver<ToWriter>,
     pending: Arc<Mutex<HashSet<ChunkId>>>,
     stats: Arc<WriteStats>,
+    pack_target: u64,
 ) -> Result<()> {
     let backend = store.backend.clone();
     let mut pack: Option<PackWriter> = None;
@@ -580,7 +649,7 @@ fn write_packs(
                 z.len() as u64 + pack::PACK_ENTRY_HEADER_LEN,
                 Ordering::Relaxed,
             );
-            if p.len() >= store.config.pack_target {
+            if p.len() >= pack_target {
                 if let Some(full) = pack.take() {
                     publish(full)?;
                 }

@@ -1,0 +1,166 @@
+//! Offline transfer: a bundle file carries the chunks a receiver lacks and
+//! the names to publish, for a USB disk or scp; a have file tells the sender
+//! what the receiver holds.
+
+use crate::frame::{encode_chunk, read_frame, write_frame, Kind, WireChunk};
+use crate::session::{PublishMsg, Receiver, TransferReport, FRAME_BYTES};
+use crate::walk;
+use crate::{Error, Result};
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::sync::Arc;
+use wharf_format::{ChunkId, Store};
+
+pub const BUNDLE_MAGIC: &[u8; 8] = b"WHARFBD1";
+pub const HAVE_MAGIC: &[u8; 8] = b"WHARFHV1";
+
+/// Writes every chunk id in the store, sorted: what a sender may skip.
+pub fn write_have(store: &Store, out: &mut dyn Write) -> Result<u64> {
+    let mut ids: Vec<ChunkId> = Vec::new();
+    for f in store.index_files() {
+        ids.extend((0..f.len()).map(|i| f.entry(i).id));
+    }
+    ids.sort();
+    ids.dedup();
+    out.write_all(HAVE_MAGIC).map_err(Error::Io)?;
+    for id in &ids {
+        out.write_all(&id.0).map_err(Error::Io)?;
+    }
+    out.flush().map_err(Error::Io)?;
+    Ok(ids.len() as u64)
+}
+
+pub fn read_have(input: &mut dyn Read) -> Result<HashSet<ChunkId>> {
+    let mut magic = [0u8; 8];
+    input
+        .read_exact(&mut magic)
+        .map_err(|_| Error::Protocol("not a wharf have file (too short)".into()))?;
+    if &magic != HAVE_MAGIC {
+        return Err(Error::Protocol("not a wharf have file (bad magic)".into()));
+    }
+    let mut out = HashSet::new();
+    let mut id = [0u8; 32];
+    loop {
+        match input.read_exact(&mut id) {
+            Ok(()) => {
+                out.insert(ChunkId(id));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(out),
+            Err(e) => return Err(Error::Io(e)),
+        }
+    }
+}
+
+/// Writes a bundle of image `name` without the chunks of the images in
+/// `have_names` (held by this store) and without the ids in `have_ids`.
+pub fn write_bundle(
+    store: &Store,
+    name: &str,
+    have_names: &[String],
+    have_ids: &HashSet<ChunkId>,
+    out: &mut dyn Write,
+) -> Result<TransferReport> {
+    let started = std::time::Instant::now();
+    let r = store.require_ref(name)?;
+    let mut skip: HashSet<ChunkId> = HashSet::new();
+    for h in have_names {
+        let hr = store.require_ref(h)?;
+        skip.extend(walk::image_chunks(store, &hr.recipe, &HashSet::new())?);
+    }
+    let ids = walk::image_chunks(store, &r.recipe, &HashSet::new())?;
+    let mut rep = TransferReport {
+        name: name.to_string(),
+        image_bytes: r.len,
+        chunks_total: ids.len() as u64,
+        ..Default::default()
+    };
+    let mut out = crate::session::Counted {
+        inner: out,
+        count: 0,
+    };
+    out.write_all(BUNDLE_MAGIC).map_err(Error::Io)?;
+    let mut buf = Vec::new();
+    for id in ids {
+        if skip.contains(&id) || have_ids.contains(&id) {
+            rep.chunks_skipped += 1;
+            continue;
+        }
+        let (raw_len, stored) = store.read_stored(&id)?;
+        rep.payload_bytes += stored.len() as u64;
+        rep.chunks_sent += 1;
+        encode_chunk(
+            &mut buf,
+            &WireChunk {
+                id,
+                raw_len,
+                stored,
+            },
+        );
+        if buf.len() >= FRAME_BYTES {
+            write_frame(&mut out, Kind::Put, &buf)?;
+            buf.clear();
+        }
+    }
+    if !buf.is_empty() {
+        write_frame(&mut out, Kind::Put, &buf)?;
+    }
+    let msg = PublishMsg {
+        name: name.to_string(),
+        recipe: r.recipe,
+        len: r.len,
+    };
+    write_frame(
+        &mut out,
+        Kind::Publish,
+        &serde_json::to_vec(&msg).unwrap_or_default(),
+    )?;
+    write_frame(&mut out, Kind::Bye, &[])?;
+    out.flush().map_err(Error::Io)?;
+    rep.wire_bytes_out = out.count;
+    rep.seconds = started.elapsed().as_secs_f64();
+    Ok(rep)
+}
+
+/// Applies a bundle: stores its chunks (each verified) and publishes its
+/// names once complete. Returns the names published.
+pub fn read_bundle(store: &Arc<Store>, input: &mut dyn Read) -> Result<Vec<String>> {
+    let mut magic = [0u8; 8];
+    input
+        .read_exact(&mut magic)
+        .map_err(|_| Error::Protocol("not a wharf bundle (too short)".into()))?;
+    if &magic != BUNDLE_MAGIC {
+        return Err(Error::Protocol("not a wharf bundle (bad magic)".into()));
+    }
+    let _lock = store.lock(false)?;
+    let mut receiver = Receiver::new(store.clone());
+    let mut names = Vec::new();
+    let res = (|| -> Result<()> {
+        loop {
+            let Some(f) = read_frame(input)? else {
+                return Err(Error::Protocol(
+                    "bundle ends before its last frame: truncated?".into(),
+                ));
+            };
+            match f.kind {
+                Kind::Put => receiver.put(&f.payload)?,
+                Kind::Publish => {
+                    let msg: PublishMsg = serde_json::from_slice(&f.payload)
+                        .map_err(|e| Error::Protocol(format!("bad PUBLISH: {e}")))?;
+                    receiver.publish(&msg).map_err(|e| match e {
+                        Error::Protocol(m) => Error::Protocol(format!(
+                            "{m}; was the bundle made with --have of an image this store does not hold?"
+                        )),
+                        other => other,
+                    })?;
+                    names.push(msg.name);
+                }
+                Kind::Bye => return Ok(()),
+                other => return Err(Error::Protocol(format!("unexpected {other:?} in a bundle"))),
+            }
+        }
+    })();
+    // Chunks that arrived are kept even if the bundle was cut short.
+    let flushed = receiver.flush();
+    res.and(flushed)?;
+    Ok(names)
+}

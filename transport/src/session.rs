@@ -1,0 +1,514 @@
+//! Both ends of a session over a byte stream: the server loop and the
+//! client's push and pull.
+
+use crate::frame::{
+    bit, bitmap, decode_chunks, decode_ids, encode_chunk, encode_ids, read_frame,
+    write_frame, Kind, WireChunk,
+};
+use crate::walk;
+use crate::{Error, Result, PROTOCOL_VERSION};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashSet, VecDeque};
+use std::io::{Read, Write};
+use std::sync::Arc;
+use wharf_format::store::{ChunkWriter, RefValue};
+use wharf_format::{ChunkId, Store};
+
+/// Ids per HAS or GET request, and requests kept in flight.
+pub const BATCH_IDS: usize = 4096;
+pub const GET_BATCH: usize = 256;
+pub const IN_FLIGHT: usize = 4;
+/// Bytes of chunks per PUT or CHUNKS frame.
+pub const FRAME_BYTES: usize = 8 << 20;
+/// A receiver publishes a pack every this many bytes, so an interrupted
+/// transfer keeps nearly everything that arrived.
+pub const RECEIVE_PACK_TARGET: u64 = 32 << 20;
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Hello {
+    pub protocol: u64,
+    pub software: String,
+    /// "push", "pull" or "bundle" from a client; "server" from a server.
+    pub role: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct PublishMsg {
+    pub name: String,
+    pub recipe: ChunkId,
+    pub len: u64,
+}
+
+/// What a transfer did, for reports and `--json`.
+#[derive(Serialize, Debug, Default, Clone)]
+pub struct TransferReport {
+    pub name: String,
+    pub image_bytes: u64,
+    pub chunks_total: u64,
+    pub chunks_sent: u64,
+    pub chunks_skipped: u64,
+    pub layers_skipped: u64,
+    /// Bytes of chunk payload moved (compressed, as stored).
+    pub payload_bytes: u64,
+    /// Every byte written to and read from the stream, framing included.
+    pub wire_bytes_out: u64,
+    pub wire_bytes_in: u64,
+    pub seconds: f64,
+}
+
+/// Counts bytes through a stream.
+pub struct Counted<S> {
+    pub inner: S,
+    pub count: u64,
+}
+
+impl<S: Read> Read for Counted<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+impl<S: Write> Write for Counted<S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn hello(role: &str, read_only: bool) -> Vec<u8> {
+    serde_json::to_vec(&Hello {
+        protocol: PROTOCOL_VERSION,
+        software: format!("wharf {}", env!("CARGO_PKG_VERSION")),
+        role: role.into(),
+        read_only,
+    })
+    .unwrap_or_default()
+}
+
+fn expect(r: &mut dyn Read, kind: Kind) -> Result<Vec<u8>> {
+    match read_frame(r)? {
+        Some(f) if f.kind == kind => Ok(f.payload),
+        Some(f) if f.kind == Kind::Error => Err(Error::Remote(
+            String::from_utf8_lossy(&f.payload).into_owned(),
+        )),
+        Some(f) => Err(Error::Protocol(format!(
+            "expected {kind:?}, got {:?}",
+            f.kind
+        ))),
+        None => Err(Error::Protocol(format!(
+            "connection closed while waiting for {kind:?}"
+        ))),
+    }
+}
+
+fn check_hello(payload: &[u8]) -> Result<Hello> {
+    let h: Hello =
+        serde_json::from_slice(payload).map_err(|e| Error::Protocol(format!("bad HELLO: {e}")))?;
+    if h.protocol != PROTOCOL_VERSION {
+        return Err(Error::Protocol(format!(
+            "the other side speaks protocol version {}, this wharf speaks {PROTOCOL_VERSION}: upgrade the older one",
+            h.protocol
+        )));
+    }
+    Ok(h)
+}
+
+/// Reads chunks into the store: verifies each, and publishes names only
+/// when complete. Shared by the server (push) and by `unbundle`.
+pub struct Receiver {
+    store: Arc<Store>,
+    writer: Option<ChunkWriter>,
+    pub received: u64,
+    pub new_chunks: u64,
+}
+
+impl Receiver {
+    pub fn new(store: Arc<Store>) -> Self {
+        Receiver {
+            store,
+            writer: None,
+            received: 0,
+            new_chunks: 0,
+        }
+    }
+
+    pub fn put(&mut self, payload: &[u8]) -> Result<()> {
+        if self.writer.is_none() {
+            self.writer = Some(ChunkWriter::with_pack_target(
+                self.store.clone(),
+                1,
+                RECEIVE_PACK_TARGET,
+            )?);
+        }
+        let Some(w) = self.writer.as_ref() else {
+            return Err(Error::Protocol("no writer".into()));
+        };
+        for c in decode_chunks(payload)? {
+            self.received += 1;
+            if w.put_stored(c.id, c.raw_len, c.stored)? {
+                self.new_chunks += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes everything received durable and visible to lookups.
+    pub fn flush(&mut self) -> Result<()> {
+        if let Some(w) = self.writer.take() {
+            w.finish()?;
+        }
+        self.store.reload_index()?;
+        Ok(())
+    }
+
+    pub fn publish(&mut self, msg: &PublishMsg) -> Result<()> {
+        self.flush()?;
+        let missing = walk::missing(&self.store, &msg.recipe)?;
+        if !missing.is_empty() {
+            return Err(Error::Protocol(format!(
+                "cannot publish {:?}: {} chunk(s) of its recipe are missing here (first: {})",
+                msg.name,
+                missing.len(),
+                missing[0]
+            )));
+        }
+        self.store.set_ref(
+            &msg.name,
+            &RefValue {
+                recipe: msg.recipe,
+                added: wharf_format::ingest::now_secs(),
+                len: msg.len,
+            },
+        )?;
+        Ok(())
+    }
+}
+
+/// Serves one session on a byte stream until the client says BYE or
+/// closes it. Writes (PUT, PUBLISH) are refused when `read_only`.
+pub fn serve(
+    store: Arc<Store>,
+    input: &mut dyn Read,
+    output: &mut dyn Write,
+    read_only: bool,
+) -> Result<()> {
+    let _lock = store.lock(false)?;
+    let first = expect(input, Kind::Hello)?;
+    if let Err(e) = check_hello(&first) {
+        let _ = write_frame(output, Kind::Error, e.to_string().as_bytes());
+        let _ = output.flush();
+        return Err(e);
+    }
+    write_frame(output, Kind::Hello, &hello("server", read_only))?;
+    output.flush().map_err(Error::Io)?;
+    let mut receiver = Receiver::new(store.clone());
+    let result = serve_loop(&store, input, output, read_only, &mut receiver);
+    // What arrived stays, even when the session broke off.
+    let flushed = receiver.flush();
+    if let Err(e) = &result {
+        let _ = write_frame(output, Kind::Error, e.to_string().as_bytes());
+        let _ = output.flush();
+    }
+    result.and(flushed)
+}
+
+fn serve_loop(
+    store: &Arc<Store>,
+    input: &mut dyn Read,
+    output: &mut dyn Write,
+    read_only: bool,
+    receiver: &mut Receiver,
+) -> Result<()> {
+    let mut complete: Option<HashSet<ChunkId>> = None;
+    loop {
+        let Some(f) = read_frame(input)? else {
+            return Ok(());
+        };
+        match f.kind {
+            Kind::Bye => return Ok(()),
+            Kind::Has => {
+                let ids = decode_ids(&f.payload)?;
+                write_frame(
+                    output,
+                    Kind::HasReply,
+                    &bitmap(ids.iter().map(|i| store.contains(i))),
+                )?;
+            }
+            Kind::HasLayers => {
+                let ids = decode_ids(&f.payload)?;
+                let c = match &mut complete {
+                    Some(c) => c,
+                    None => complete.insert(walk::complete_layers(store)?),
+                };
+                write_frame(
+                    output,
+                    Kind::HasReply,
+                    &bitmap(ids.iter().map(|i| c.contains(i))),
+                )?;
+            }
+            Kind::GetRef => {
+                let name = String::from_utf8_lossy(&f.payload).into_owned();
+                match store.get_ref(&name)? {
+                    Some(r) => write_frame(
+                        output,
+                        Kind::Ref,
+                        &serde_json::to_vec(&r).unwrap_or_default(),
+                    )?,
+                    None => write_frame(
+                        output,
+                        Kind::Error,
+                        format!("no image named {name:?} here").as_bytes(),
+                    )?,
+                }
+            }
+            Kind::Get => {
+                let ids = decode_ids(&f.payload)?;
+                let mut buf = Vec::new();
+                for id in ids {
+                    let (raw_len, stored) = store.read_stored(&id)?;
+                    encode_chunk(
+                        &mut buf,
+                        &WireChunk {
+                            id,
+                            raw_len,
+                            stored,
+                        },
+                    );
+                    if buf.len() >= FRAME_BYTES {
+                        write_frame(output, Kind::Chunks, &buf)?;
+                        buf.clear();
+                    }
+                }
+                if !buf.is_empty() {
+                    write_frame(output, Kind::Chunks, &buf)?;
+                }
+            }
+            Kind::Put => {
+                if read_only {
+                    return Err(Error::Protocol("this server is read-only".into()));
+                }
+                receiver.put(&f.payload)?;
+            }
+            Kind::Publish => {
+                if read_only {
+                    return Err(Error::Protocol("this server is read-only".into()));
+                }
+                let msg: PublishMsg = serde_json::from_slice(&f.payload)
+                    .map_err(|e| Error::Protocol(format!("bad PUBLISH: {e}")))?;
+                receiver.publish(&msg)?;
+                complete = None;
+                write_frame(
+                    output,
+                    Kind::Ok,
+                    &serde_json::to_vec(&serde_json::json!({"published": msg.name}))
+                        .unwrap_or_default(),
+                )?;
+            }
+            other => {
+                return Err(Error::Protocol(format!(
+                    "unexpected {other:?} from a client"
+                )))
+            }
+        }
+        output.flush().map_err(Error::Io)?;
+    }
+}
+
+/// The client end of a session.
+pub struct Client<R: Read, W: Write> {
+    pub input: Counted<R>,
+    pub output: Counted<W>,
+    pub server: Hello,
+}
+
+impl<R: Read, W: Write> Client<R, W> {
+    pub fn connect(input: R, output: W, role: &str) -> Result<Self> {
+        let mut input = Counted {
+            inner: input,
+            count: 0,
+        };
+        let mut output = Counted {
+            inner: output,
+            count: 0,
+        };
+        write_frame(&mut output, Kind::Hello, &hello(role, false))?;
+        output.flush().map_err(Error::Io)?;
+        let server = check_hello(&expect(&mut input, Kind::Hello)?)?;
+        Ok(Client {
+            input,
+            output,
+            server,
+        })
+    }
+
+    fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<()> {
+        write_frame(&mut self.output, kind, payload)?;
+        self.output.flush().map_err(Error::Io)
+    }
+
+    /// Asks which of `ids` the server has (`layers`: as complete layers of
+    /// published images), keeping several batches in flight.
+    fn ask_has(&mut self, ids: &[ChunkId], layers: bool) -> Result<Vec<bool>> {
+        let kind = if layers { Kind::HasLayers } else { Kind::Has };
+        let mut out = Vec::with_capacity(ids.len());
+        let mut batches = ids.chunks(BATCH_IDS);
+        let mut waiting: VecDeque<usize> = VecDeque::new();
+        loop {
+            while waiting.len() < IN_FLIGHT {
+                let Some(b) = batches.next() else { break };
+                self.send(kind, &encode_ids(b))?;
+                waiting.push_back(b.len());
+            }
+            let Some(n) = waiting.pop_front() else { break };
+            let map = expect(&mut self.input, Kind::HasReply)?;
+            out.extend((0..n).map(|i| bit(&map, i)));
+        }
+        Ok(out)
+    }
+
+    /// Sends image `name` from `store` and publishes it on the server as `as_name`.
+    pub fn push(
+        &mut self,
+        store: &Store,
+        name: &str,
+        as_name: &str,
+        progress: &dyn Fn(&TransferReport),
+    ) -> Result<TransferReport> {
+        let started = std::time::Instant::now();
+        let r = store.require_ref(name)?;
+        let recipe = wharf_format::extract::load_recipe(store, &r.recipe)?;
+        let mut rep = TransferReport {
+            name: as_name.to_string(),
+            image_bytes: r.len,
+            ..Default::default()
+        };
+        // Level one: whole layers.
+        let layer_ids: Vec<ChunkId> = recipe.layers.iter().map(|l| l.node).collect();
+        let have_layers = self.ask_has(&layer_ids, true)?;
+        let skip: HashSet<ChunkId> = layer_ids
+            .iter()
+            .zip(&have_layers)
+            .filter(|(_, h)| **h)
+            .map(|(i, _)| *i)
+            .collect();
+        rep.layers_skipped = skip.len() as u64;
+        // Level two: chunks of everything else.
+        let ids = walk::image_chunks(store, &r.recipe, &skip)?;
+        rep.chunks_total = ids.len() as u64;
+        let have = self.ask_has(&ids, false)?;
+        let mut buf = Vec::new();
+        for (id, has) in ids.iter().zip(have) {
+            if has {
+                rep.chunks_skipped += 1;
+                continue;
+            }
+            let (raw_len, stored) = store.read_stored(id)?;
+            rep.payload_bytes += stored.len() as u64;
+            rep.chunks_sent += 1;
+            encode_chunk(
+                &mut buf,
+                &WireChunk {
+                    id: *id,
+                    raw_len,
+                    stored,
+                },
+            );
+            if buf.len() >= FRAME_BYTES {
+                self.send(Kind::Put, &buf)?;
+                buf.clear();
+                rep.wire_bytes_out = self.output.count;
+                progress(&rep);
+            }
+        }
+        if !buf.is_empty() {
+            self.send(Kind::Put, &buf)?;
+        }
+        let msg = PublishMsg {
+            name: as_name.to_string(),
+            recipe: r.recipe,
+            len: r.len,
+        };
+        self.send(Kind::Publish, &serde_json::to_vec(&msg).unwrap_or_default())?;
+        expect(&mut self.input, Kind::Ok)?;
+        self.send(Kind::Bye, &[])?;
+        rep.wire_bytes_out = self.output.count;
+        rep.wire_bytes_in = self.input.count;
+        rep.seconds = started.elapsed().as_secs_f64();
+        progress(&rep);
+        Ok(rep)
+    }
+
+    /// Fetches image `name` from the server into `store` as `as_name`.
+    pub fn pull(
+        &mut self,
+        store: &Arc<Store>,
+        name: &str,
+        as_name: &str,
+        progress: &dyn Fn(&TransferReport),
+    ) -> Result<TransferReport> {
+        let started = std::time::Instant::now();
+        self.send(Kind::GetRef, name.as_bytes())?;
+        let r: RefValue = serde_json::from_slice(&expect(&mut self.input, Kind::Ref)?)
+            .map_err(|e| Error::Protocol(format!("bad REF: {e}")))?;
+        let mut rep = TransferReport {
+            name: as_name.to_string(),
+            image_bytes: r.len,
+            ..Default::default()
+        };
+        let _lock = store.lock(false)?;
+        let mut receiver = Receiver::new(store.clone());
+        // Walk down the tree: whatever is missing is fetched (objects needed
+        // to walk further first), until nothing is missing.
+        loop {
+            receiver.flush()?;
+            let missing = walk::missing(store, &r.recipe)?;
+            if missing.is_empty() {
+                break;
+            }
+            rep.chunks_total += missing.len() as u64;
+            for batch in missing.chunks(GET_BATCH * IN_FLIGHT) {
+                let mut waiting: VecDeque<usize> = VecDeque::new();
+                for b in batch.chunks(GET_BATCH) {
+                    self.send(Kind::Get, &encode_ids(b))?;
+                    waiting.push_back(b.len());
+                }
+                while let Some(mut n) = waiting.pop_front() {
+                    while n > 0 {
+                        let payload = expect(&mut self.input, Kind::Chunks)?;
+                        let count = decode_chunks(&payload)?.len();
+                        if count == 0 || count > n {
+                            return Err(Error::Protocol(
+                                "CHUNKS reply does not match the request".into(),
+                            ));
+                        }
+                        rep.payload_bytes += payload.len() as u64;
+                        receiver.put(&payload)?;
+                        rep.chunks_sent += count as u64;
+                        n -= count;
+                    }
+                }
+                rep.wire_bytes_in = self.input.count;
+                progress(&rep);
+            }
+        }
+        receiver.publish(&PublishMsg {
+            name: as_name.to_string(),
+            recipe: r.recipe,
+            len: r.len,
+        })?;
+        self.send(Kind::Bye, &[])?;
+        rep.wire_bytes_out = self.output.count;
+        rep.wire_bytes_in = self.input.count;
+        rep.seconds = started.elapsed().as_secs_f64();
+        progress(&rep);
+        Ok(rep)
+    }
+}
