@@ -237,6 +237,9 @@ fn run(cli: Cli) -> Result<()> {
                         &l.sha256[..12.min(l.sha256.len())],
                         share
                     );
+                    if let Some(c) = &l.compression {
+                        println!("      {}", describe_compression(c, l.len));
+                    }
                 }
             }
         }
@@ -364,4 +367,24 @@ fn fmt_time(secs: u64) -> String {
         rem / 3600,
         (rem % 3600) / 60
     )
+}
+
+/// One line on how a compressed layer is stored, for `wharf info`.
+fn describe_compression(c: &wharf_format::recipe::Compression, len: u64) -> String {
+    match (c.method.as_str(), c.recon_len) {
+        ("preflate", Some(recon)) => format!(
+            "{}: stored decompressed ({} of content in {} member(s)), rebuilt exactly with preflate from {} of reconstruction data ({:.2}% of the layer)",
+            c.format,
+            HumanBytes(c.plain_len.unwrap_or(0)),
+            c.members.unwrap_or(0),
+            HumanBytes(recon),
+            100.0 * recon as f64 / len.max(1) as f64
+        ),
+        _ => format!(
+            "{}: stored as it is, {}: {}",
+            c.format,
+            c.method,
+            c.reason.as_deref().unwrap_or("no reason recorded")
+        ),
+    }
 }

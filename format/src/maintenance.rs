@@ -471,6 +471,10 @@ pub struct LayerReport {
     /// Uncompressed chunk bytes of this layer also used by other images.
     pub shared_bytes: u64,
     pub chunk_bytes: u64,
+    /// For a compressed layer: stored decompressed ("preflate", with the
+    /// bytes of reconstruction data) or as it is ("raw", and why).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<crate::recipe::Compression>,
 }
 
 #[derive(Debug, Serialize)]
@@ -525,6 +529,7 @@ pub fn info(store: &Store, name: &str) -> Result<InfoReport> {
             same_layer_in: same,
             shared_bytes: shared,
             chunk_bytes: total,
+            compression: l.compression.clone(),
         });
     }
     Ok(InfoReport {

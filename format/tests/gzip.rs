@@ -1,0 +1,558 @@
+//! gzip layers: stored by their plaintext and rebuilt to the exact compressed
+//! bytes (preflate), or stored as they are when that cannot be done. Every
+//! case must round-trip byte for byte whichever way it went.
+
+mod common;
+use common::*;
+use flate2::{Compression as Level, GzBuilder};
+use sha2::Digest;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use wharf_format::recipe::LayerInfo;
+use wharf_format::store::Store;
+use wharf_format::synth::TarWriter;
+
+/// A layer tar of `n` files of varied sizes, all with mtime `mtime`.
+fn layer(n: usize, mtime: u64, seed: u64) -> Vec<u8> {
+    let mut w = TarWriter::new(Vec::new());
+    for i in 0..n {
+        let size = 1_000 + (i * 7919) % 60_000;
+        w.file(
+            &format!("usr/lib/python3/pkg{}/mod{i}.py", i % 13),
+            0o644,
+            mtime,
+            &file_bytes(size, seed + i as u64),
+        )
+        .unwrap();
+    }
+    w.finish().unwrap();
+    w.into_inner()
+}
+
+/// Incompressible bytes.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+fn gzip_with(data: &[u8], level: u32) -> Vec<u8> {
+    let mut e = GzBuilder::new().write(Vec::new(), Level::new(level));
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// An OCI-layout-like image tar holding `blob` under its digest, plus a
+/// small manifest.
+fn image(blobs: &[&[u8]]) -> Vec<u8> {
+    let mut w = TarWriter::new(Vec::new());
+    let mut names = Vec::new();
+    for b in blobs {
+        let name = format!("blobs/sha256/{}", sha(b));
+        w.file(&name, 0o444, 0, b).unwrap();
+        names.push(name);
+    }
+    w.file("manifest.json", 0o644, 0, format!("{names:?}").as_bytes())
+        .unwrap();
+    w.finish().unwrap();
+    w.into_inner()
+}
+
+fn layers(store: &Arc<Store>, name: &str) -> Vec<LayerInfo> {
+    let r = store.require_ref(name).expect("ref");
+    wharf_format::extract::load_recipe(store, &r.recipe)
+        .expect("recipe")
+        .layers
+}
+
+/// Round-trips an image made of one gzip blob; returns how it was stored.
+fn round_trip_blob(store: &Arc<Store>, name: &str, blob: &[u8]) -> LayerInfo {
+    assert!(
+        blob.len() >= 64 << 10,
+        "{name}: blob too small to be a layer"
+    );
+    assert_round_trip(store, name, &image(&[blob]));
+    let l = layers(store, name);
+    assert_eq!(l.len(), 1, "{name}: one layer");
+    assert_eq!(l[0].sha256, sha(blob), "{name}: layer digest");
+    l[0].clone()
+}
+
+fn assert_preflate(name: &str, l: &LayerInfo) {
+    let c = l.compression.as_ref().expect("compression recorded");
+    assert_eq!(
+        (l.kind.as_str(), c.format.as_str(), c.method.as_str()),
+        ("gzip", "gzip", "preflate"),
+        "{name}: stored as {l:?}"
+    );
+    let recon = c.recon_len.expect("recon_len");
+    assert!(
+        recon * 10 <= l.len,
+        "{name}: reconstruction data {recon} bytes for {} compressed",
+        l.len
+    );
+}
+
+fn assert_raw_because(name: &str, l: &LayerInfo, why: &str) {
+    let c = l.compression.as_ref().expect("compression recorded");
+    assert_eq!(
+        (l.kind.as_str(), c.method.as_str()),
+        ("raw", "raw"),
+        "{name}: stored as {l:?}"
+    );
+    let reason = c.reason.as_deref().unwrap_or("");
+    assert!(
+        reason.contains(why),
+        "{name}: reason {reason:?}, expected {why:?}"
+    );
+}
+
+fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs `tool args` with `input` on stdin; its stdout.
+fn pipe(tool: &str, args: &[&str], input: &[u8]) -> Vec<u8> {
+    let mut child = Command::new(tool)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let data = input.to_vec();
+    let feeder = std::thread::spawn(move || stdin.write_all(&data));
+    let out = child.wait_with_output().expect("wait");
+    feeder.join().unwrap().expect("write stdin");
+    assert!(out.status.success(), "{tool} {args:?} failed");
+    out.stdout
+}
+
+#[test]
+fn zlib_levels_round_trip_through_preflate() {
+    let (_d, store) = new_store();
+    let tar = layer(60, 1_700_000_000, 1);
+    for level in [1, 6, 9] {
+        let gz = gzip_with(&tar, level);
+        let name = format!("zlib-{level}");
+        let l = round_trip_blob(&store, &name, &gz);
+        assert_preflate(&name, &l);
+        let c = l.compression.unwrap();
+        assert_eq!(
+            c.plain_len,
+            Some(tar.len() as u64),
+            "{name}: plaintext length"
+        );
+        assert_eq!(c.members, Some(1));
+        eprintln!(
+            "{name}: {} compressed, {} bytes of reconstruction data ({:.3}%)",
+            gz.len(),
+            c.recon_len.unwrap_or(0),
+            100.0 * c.recon_len.unwrap_or(0) as f64 / gz.len() as f64
+        );
+    }
+}
+
+/// The tests' flate2 uses zlib itself: the deflate bytes equal what Python's
+/// gzip module writes (the corpus' `oci-gzip-py`), so the case above is that one.
+#[test]
+fn flate2_in_tests_writes_what_python_writes() {
+    if !have("python3") {
+        eprintln!("SKIPPED: python3 not installed");
+        return;
+    }
+    let tar = layer(20, 1_700_000_000, 2);
+    let py = pipe(
+        "python3",
+        &[
+            "-c",
+            "import sys,gzip; sys.stdout.buffer.write(gzip.compress(sys.stdin.buffer.read(), 6, mtime=0))",
+        ],
+        &tar,
+    );
+    let ours = gzip_with(&tar, 6);
+    assert!(
+        py[10..] == ours[10..],
+        "deflate streams differ: python {} bytes, flate2 {} bytes",
+        py.len(),
+        ours.len()
+    );
+}
+
+#[test]
+fn header_fields_are_kept() {
+    let (_d, store) = new_store();
+    let tar = layer(40, 1_700_000_000, 3);
+    let mut e = GzBuilder::new()
+        .mtime(1_234_567_890)
+        .filename("layer.tar")
+        .comment("made for a test")
+        .extra(b"AB\x02\x00hi".to_vec())
+        .operating_system(3)
+        .write(Vec::new(), Level::new(6));
+    e.write_all(&tar).unwrap();
+    let gz = e.finish().unwrap();
+    assert_eq!(gz[3], 0x04 | 0x08 | 0x10, "FEXTRA, FNAME, FCOMMENT set");
+    let l = round_trip_blob(&store, "fields", &gz);
+    assert_preflate("fields", &l);
+    // FHCRC too (no common tool writes it): set the flag and insert the CRC16.
+    let mut hc = gz[..10].to_vec();
+    hc[3] = 0x02;
+    let crc = (crc32(&hc) & 0xffff) as u16;
+    hc.extend_from_slice(&crc.to_le_bytes());
+    let body_start = header_end(&gz);
+    hc.extend_from_slice(&gz[body_start..]);
+    let l = round_trip_blob(&store, "fhcrc", &hc);
+    assert_preflate("fhcrc", &l);
+}
+
+fn header_end(gz: &[u8]) -> usize {
+    wharf_format::gzip::header_len(gz)
+        .expect("header")
+        .expect("complete")
+}
+
+fn crc32(b: &[u8]) -> u32 {
+    let mut h = flate2::Crc::new();
+    h.update(b);
+    h.sum()
+}
+
+#[test]
+fn multi_member_and_garbage_after() {
+    let (_d, store) = new_store();
+    let a = layer(30, 1_700_000_000, 4);
+    let b = layer(30, 1_700_000_000, 5);
+    let mut gz = gzip_with(&a, 6);
+    gz.extend_from_slice(&gzip_with(&b, 9));
+    let l = round_trip_blob(&store, "two-members", &gz);
+    assert_preflate("two-members", &l);
+    let c = l.compression.unwrap();
+    assert_eq!(c.members, Some(2));
+    assert_eq!(c.plain_len, Some((a.len() + b.len()) as u64));
+
+    // Bytes after the last member that are not a member (zero padding,
+    // garbage) are kept verbatim in the reconstruction stream.
+    let mut padded = gzip_with(&a, 6);
+    padded.extend_from_slice(&[0u8; 1000]);
+    padded.extend_from_slice(b"\x1f\x8b trailing garbage");
+    let l = round_trip_blob(&store, "garbage-after", &padded);
+    assert_preflate("garbage-after", &l);
+}
+
+#[test]
+fn broken_gzip_round_trips() {
+    let (_d, store) = new_store();
+    let tar = layer(40, 1_700_000_000, 6);
+    let gz = gzip_with(&tar, 6);
+
+    // Truncated in the middle of the deflate stream: stored as it is.
+    let cut = &gz[..gz.len() * 2 / 3];
+    let l = round_trip_blob(&store, "truncated", cut);
+    assert_raw_because("truncated", &l, "cut short");
+    // Cut inside the trailer.
+    let l = round_trip_blob(&store, "no-trailer", &gz[..gz.len() - 3]);
+    assert_raw_because("no-trailer", &l, "trailer");
+
+    // A wrong CRC: the deflate stream is intact and the trailer is kept as
+    // it is, so the member still goes through preflate and rebuilds exactly.
+    let mut bad_crc = gz.clone();
+    let n = bad_crc.len();
+    bad_crc[n - 8] ^= 0xff;
+    let l = round_trip_blob(&store, "bad-crc", &bad_crc);
+    assert_preflate("bad-crc", &l);
+
+    // Corrupt deflate data in the middle.
+    let mut corrupt = gz.clone();
+    for i in (gz.len() / 2..gz.len() / 2 + 64).step_by(3) {
+        corrupt[i] ^= 0x5a;
+    }
+    // Either way is right as long as it is exact: damaged deflate data may
+    // still parse (as other plaintext, ending early, the rest kept as bytes
+    // after the member), and add only keeps that after rebuilding it.
+    let l = round_trip_blob(&store, "corrupt", &corrupt);
+    eprintln!("corrupt deflate data stored as {:?}", l.compression);
+
+    // Reserved header flags: not a gzip header this reads.
+    let mut reserved = gz.clone();
+    reserved[3] = 0x80;
+    let l = round_trip_blob(&store, "reserved-flags", &reserved);
+    assert_raw_because("reserved-flags", &l, "reserved flag");
+}
+
+/// A valid stream preflate cannot reproduce: set the unused bits after the
+/// final deflate block (zlib ignores them; preflate models only zero
+/// padding). The fallback stores it as it is, still byte-identical.
+#[test]
+fn stream_preflate_cannot_model_falls_back() {
+    let (_d, store) = new_store();
+    let tar = layer(40, 1_700_000_000, 7);
+    let gz = gzip_with(&tar, 6);
+    let last = gz.len() - 9; // final byte of the deflate stream
+    let mut odd = None;
+    for bit in (1..8).rev() {
+        let mut g = gz.clone();
+        g[last] |= 0xff << bit;
+        if g == gz {
+            continue;
+        }
+        let mut d = flate2::read::GzDecoder::new(&g[..]);
+        let mut out = Vec::new();
+        if std::io::Read::read_to_end(&mut d, &mut out).is_ok() && out == tar {
+            odd = Some(g);
+            break;
+        }
+    }
+    let Some(odd) = odd else {
+        panic!("the final deflate byte has no unused bits to set for this input; change the input")
+    };
+    let l = round_trip_blob(&store, "odd-padding", &odd);
+    assert_raw_because("odd-padding", &l, "preflate");
+}
+
+#[test]
+fn gzip_and_pigz_binaries_round_trip() {
+    let (_d, store) = new_store();
+    // Large enough that pigz splits it into several 128 KiB blocks.
+    let tar = layer(80, 1_700_000_000, 8);
+    let mut ran = 0;
+    for (tool, args) in [
+        ("gzip", &["-6", "-n", "-c"][..]),
+        ("gzip", &["-9", "-c"][..]),
+        ("gzip", &["-1", "-c"][..]),
+        ("pigz", &["-6", "-n", "-c"][..]),
+        ("pigz", &["-6", "-c"][..]),
+    ] {
+        if !have(tool) {
+            eprintln!("SKIPPED: {tool} {args:?}: {tool} not installed");
+            continue;
+        }
+        let gz = pipe(tool, args, &tar);
+        let name = format!("{tool}{}", args.join(""));
+        let l = round_trip_blob(&store, &name, &gz);
+        assert_preflate(&name, &l);
+        ran += 1;
+    }
+    eprintln!("{ran} of 5 compressor runs done");
+}
+
+/// Go's compress/gzip (what Docker, containerd and BuildKit use). Stock
+/// preflate-rs 0.7.6 rejects Go's one-code Huffman trees on some inputs; the
+/// member must round-trip either way (preflate, or the fallback).
+#[test]
+fn go_compress_gzip_round_trips() {
+    if !have_go() {
+        eprintln!("SKIPPED: go not installed (apt-get install golang-go)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("main.go");
+    std::fs::write(
+        &src,
+        "package main\nimport (\"compress/gzip\"; \"io\"; \"os\"; \"strconv\")\n\
+         func main() { l, _ := strconv.Atoi(os.Args[1]); w, _ := gzip.NewWriterLevel(os.Stdout, l)\n\
+         if _, err := io.Copy(w, os.Stdin); err != nil { os.Exit(1) }; if w.Close() != nil { os.Exit(1) } }\n",
+    )
+    .unwrap();
+    let bin = dir.path().join("gz");
+    let ok = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .env("GOCACHE", dir.path().join("cache"))
+        .env("GOPATH", dir.path().join("gopath"))
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "go build failed");
+    let (_d, store) = new_store();
+    let mut tar = layer(60, 1_700_000_000, 9);
+    // Incompressible content: Go writes blocks without matches there.
+    tar.extend_from_slice(&noise(300_000, 9));
+    for level in ["-1", "6"] {
+        let gz = pipe(bin.to_str().unwrap(), &[level], &tar);
+        let name = format!("go{level}");
+        let l = round_trip_blob(&store, &name, &gz);
+        let c = l.compression.clone().expect("compression recorded");
+        eprintln!(
+            "{name}: {} bytes, stored as {} ({})",
+            gz.len(),
+            c.method,
+            c.reason.unwrap_or_else(|| format!(
+                "{} bytes of reconstruction data",
+                c.recon_len.unwrap_or(0)
+            ))
+        );
+    }
+}
+
+fn have_go() -> bool {
+    Command::new("go")
+        .arg("version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The point of it all: two builds of a layer that differ only in mtimes
+/// share almost all chunks once decompressed, though their gzip bytes differ
+/// from the first header on.
+#[test]
+fn mtime_only_rebuild_of_a_gzip_layer_costs_little() {
+    let (_d, store) = new_store();
+    let v1 = gzip_with(&layer(150, 1_700_000_000, 10), 6);
+    let v2 = gzip_with(&layer(150, 1_700_086_400, 10), 6);
+    assert_ne!(v1, v2);
+    let (i1, i2) = (image(&[&v1]), image(&[&v2]));
+    assert_round_trip(&store, "v1", &i1);
+    let rep = assert_round_trip(&store, "v2", &i2);
+    assert_preflate("v2", &layers(&store, "v2")[0]);
+    let frac = rep.stored_bytes as f64 / v2.len() as f64;
+    eprintln!(
+        "v2: {} bytes gzip layer, {} new bytes ({} on disk, {:.2}% of the layer)",
+        v2.len(),
+        rep.new_bytes,
+        rep.stored_bytes,
+        frac * 100.0
+    );
+    // The new skeleton and the reconstruction data (~0.2% of the layer), not the content.
+    assert!(
+        frac < 0.05,
+        "v2 stored {:.2}% of its gzip layer",
+        frac * 100.0
+    );
+
+    // Stored compressed, the same pair shares nothing past the first bytes:
+    // what this replaces.
+    let (_d2, raw_store) = new_store();
+    let mut cut1 = i1.clone();
+    let mut cut2 = i2.clone();
+    // Not gzip any more (magic broken), so stored as plain chunks.
+    for (img, gz) in [(&mut cut1, &v1), (&mut cut2, &v2)] {
+        let at = find(img, gz).expect("blob in image");
+        img[at] = 0;
+    }
+    add(&raw_store, "v1", &cut1);
+    let raw = add(&raw_store, "v2", &cut2);
+    eprintln!(
+        "stored compressed, v2 would cost {} bytes on disk",
+        raw.stored_bytes
+    );
+    assert!(raw.stored_bytes > 10 * rep.stored_bytes);
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[test]
+fn fast_path_gc_and_verify_keep_gzip_layers() {
+    let (_d, store) = new_store();
+    let gz = gzip_with(&layer(40, 1_700_000_000, 11), 6);
+    let img = image(&[&gz]);
+    assert_round_trip(&store, "a", &img);
+    // Added again: recognised by its digest and block map, nothing chunked,
+    // and the layer still says how it is stored.
+    let again = assert_round_trip(&store, "b", &img);
+    assert!(
+        again.new_bytes < 4096,
+        "re-add stored {} new bytes",
+        again.new_bytes
+    );
+    assert_eq!(layers(&store, "b"), layers(&store, "a"));
+    // gc must keep the reconstruction stream and the plaintext node.
+    wharf_format::maintenance::gc(&store, false).expect("gc");
+    store.remove_ref("a").expect("rm");
+    wharf_format::maintenance::gc(&store, false).expect("gc");
+    let rep = wharf_format::maintenance::verify(&store, true).expect("verify");
+    assert!(rep.errors.is_empty(), "verify: {:?}", rep.errors);
+    assert_eq!(extract(&store, "b"), img);
+    // And info reports the method.
+    let info = wharf_format::maintenance::info(&store, "b").expect("info");
+    let c = info.layers[0]
+        .compression
+        .as_ref()
+        .expect("compression in info");
+    assert_eq!(c.method, "preflate");
+}
+
+#[test]
+fn damaged_reconstruction_data_fails_extract() {
+    use wharf_format::recipe::NodeBody;
+    let (_d, store) = new_store();
+    let gz = gzip_with(&layer(30, 1_700_000_000, 12), 6);
+    let img = image(&[&gz]);
+    assert_round_trip(&store, "x", &img);
+    let l = &layers(&store, "x")[0];
+    let node = wharf_format::extract::load_node(&store, &l.node).expect("node");
+    let NodeBody::Gzip { recon, .. } = &node.body else {
+        panic!("not a gzip node: {node:?}")
+    };
+    assert_eq!(node.wharf_node, 2, "gzip nodes are node version 2");
+    // A node whose reconstruction stream belongs to another layer rebuilds
+    // other bytes: extract must notice, not emit them as this layer.
+    let other = gzip_with(&layer(30, 1_700_000_000, 13), 6);
+    assert_round_trip(&store, "y", &image(&[&other]));
+    let on = wharf_format::extract::load_node(&store, &layers(&store, "y")[0].node).unwrap();
+    let NodeBody::Gzip {
+        recon: other_recon, ..
+    } = on.body
+    else {
+        panic!("not a gzip node")
+    };
+    assert_ne!(&other_recon, recon);
+    let mut forged = node.clone();
+    if let NodeBody::Gzip { recon, .. } = &mut forged.body {
+        *recon = other_recon;
+    }
+    let w = wharf_format::store::ChunkWriter::new(store.clone(), 1).unwrap();
+    let id = w.put(&forged.encode()).unwrap();
+    w.finish().unwrap();
+    let res = wharf_format::extract::emit_node(&store, &id, "forged", &mut |_| Ok(()));
+    assert!(
+        res.is_err(),
+        "a wrong reconstruction stream was not detected"
+    );
+}
+
+#[test]
+fn zstd_layers_are_stored_as_they_are_and_say_so() {
+    let (_d, store) = new_store();
+    let tar = layer(40, 1_700_000_000, 14);
+    let zst = zstd::encode_all(&tar[..], 3).unwrap();
+    let l = round_trip_blob(&store, "zstd", &zst);
+    let c = l.compression.expect("compression recorded");
+    assert_eq!(
+        (l.kind.as_str(), c.format.as_str(), c.method.as_str()),
+        ("raw", "zstd", "raw")
+    );
+}
+
+#[test]
+fn rebuilt_sha_matches_for_large_multi_window_layer() {
+    // Several preflate windows (1 MiB of compressed input each) in one member.
+    let (_d, store) = new_store();
+    let mut tar = layer(120, 1_700_000_000, 15);
+    tar.extend_from_slice(&noise(2_500_000, 15));
+    let gz = gzip_with(&tar, 6);
+    assert!(
+        gz.len() > 3 << 20,
+        "want several windows, got {} bytes",
+        gz.len()
+    );
+    let l = round_trip_blob(&store, "big", &gz);
+    assert_preflate("big", &l);
+    assert_eq!(hex::encode(sha2::Sha256::digest(&gz)), l.sha256);
+}
