@@ -312,12 +312,17 @@ impl Analyzer<'_> {
                 Err(e) if plan.deflate.is_empty() => return Ok(Err(e)),
                 Err(_) => {
                     // Bytes after the last member that do not start another
-                    // one (padding, garbage): kept as literals.
-                    while self.fill(WINDOW)? {
-                        let rest = self.avail().to_vec();
-                        self.recon.lit(&rest)?;
-                        plan.tail_len += rest.len() as u64;
-                        self.pos = self.buf.len();
+                    // one (padding, garbage): kept as literals of exactly
+                    // MAX_LIT bytes but the last, whatever the reads were.
+                    while self.fill(MAX_LIT)? {
+                        let n = self.avail().len().min(MAX_LIT);
+                        if n < MAX_LIT && !self.eof {
+                            continue;
+                        }
+                        let lit = self.avail()[..n].to_vec();
+                        self.recon.lit(&lit)?;
+                        plan.tail_len += n as u64;
+                        self.pos += n;
                         if self.over_budget() {
                             return Ok(Err(self.budget_reason()));
                         }
@@ -406,7 +411,12 @@ impl Analyzer<'_> {
                     }
                     continue;
                 }
-                Ok(Err(e)) => return Ok(Err(format!("preflate: {e}"))),
+                Ok(Err(e)) => {
+                    // The message ends with a source location on its own line.
+                    let msg = e.to_string();
+                    let first = msg.lines().next().unwrap_or_default();
+                    return Ok(Err(format!("preflate: {first}")));
+                }
             };
             let plain = p.plain_text().len() as u64;
             if plain > MAX_PIECE || r.corrections.len() as u64 > MAX_PIECE {
