@@ -1,6 +1,7 @@
 //! The `wharf` command line: a thin layer over `wharf-format`.
 
 mod demo;
+mod docker;
 mod progress;
 
 use anyhow::{bail, Context, Result};
@@ -88,6 +89,32 @@ enum Cmd {
         /// Say what would be freed, change nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Run `docker save IMAGE...` and store its output as it streams (no tar on disk).
+    ///
+    /// Uses the `docker` on PATH and the engine it reaches ($DOCKER_HOST or its default).
+    /// Each image is stored under its own reference as given (e.g. `app:v2`); with `--name`,
+    /// all the images go through one `docker save` into one tar stored under that name. A name
+    /// is set only when `docker save` exited 0 and the whole tar was stored; otherwise wharf
+    /// prints what Docker said and names nothing.
+    Save {
+        /// Images as Docker knows them: `repo:tag`, an image ID, ...
+        #[arg(required = true)]
+        images: Vec<String>,
+        /// Store all the images, saved together, under this one name.
+        #[arg(long, short)]
+        name: Option<String>,
+    },
+    /// Rebuild an image and stream it into `docker load`, verified as it goes.
+    ///
+    /// Uses the `docker` on PATH and the engine it reaches ($DOCKER_HOST or its default).
+    /// The end of the archive is held back until every chunk, every layer and the whole tar
+    /// have been verified; on any error `docker load` is killed before it sees the end, so
+    /// Docker names no image. Docker tags the images recorded in the tar (what `docker save`
+    /// was given), whatever the wharf name.
+    Load {
+        /// The wharf name (see `wharf ls`).
+        name: String,
     },
     /// Build two versions of a small synthetic image (no Docker needed), add both to a scratch store, and prove the rebuild byte-identical.
     Demo {
@@ -342,6 +369,16 @@ fn run(cli: Cli) -> Result<()> {
                     rep.live_chunks
                 );
             }
+        }
+        Cmd::Save { images, name } => docker::save_cmd(
+            &open_store(&store_path)?,
+            &images,
+            name.as_deref(),
+            cli.json,
+            show_progress,
+        )?,
+        Cmd::Load { name } => {
+            docker::load_cmd(&open_store(&store_path)?, &name, cli.json, show_progress)?
         }
         Cmd::Demo { keep } => demo::run(keep, cli.json)?,
     }
