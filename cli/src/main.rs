@@ -3,6 +3,7 @@
 mod demo;
 mod docker;
 mod progress;
+mod remote;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -115,6 +116,59 @@ enum Cmd {
     Load {
         /// The wharf name (see `wharf ls`).
         name: String,
+    },
+    /// Send an image to another store, sending only the chunks it lacks.
+    ///
+    /// DEST is `ssh://[user@]host[:port]/path/to/store` (runs `wharf serve --stdio` there over
+    /// ssh; the remote `wharf` is $WHARF_REMOTE_BIN or `wharf` on its PATH) or a local store
+    /// directory. Layers the receiver already holds cost one hash each; the rest is asked
+    /// about in batches of thousands of chunk hashes. The name is published on the receiver
+    /// only once every chunk is there and verified; run the same command again after an
+    /// interruption and what arrived is not sent again.
+    Push {
+        name: String,
+        dest: String,
+        /// Publish under this name on the receiver (default: the same name).
+        #[arg(long = "as")]
+        as_name: Option<String>,
+    },
+    /// Fetch an image from another store (see `push` for SRC), fetching only missing chunks.
+    Pull {
+        src: String,
+        name: String,
+        /// Store under this name here (default: the same name).
+        #[arg(long = "as")]
+        as_name: Option<String>,
+    },
+    /// Serve this store over stdin/stdout (what `push`/`pull` run on the other side over ssh).
+    Serve {
+        /// Speak the protocol on stdin/stdout.
+        #[arg(long, required = true)]
+        stdio: bool,
+        /// Refuse pushes.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Write an offline transfer file: the chunks of NAME that the receiver lacks.
+    ///
+    /// Say what the receiver holds with --have (images in this store that the receiver also
+    /// has) and/or --have-file (written on the receiver by `wharf have`). Without either,
+    /// the bundle carries the whole image.
+    Bundle {
+        name: String,
+        #[arg(long, short)]
+        output: PathBuf,
+        #[arg(long)]
+        have: Vec<String>,
+        #[arg(long)]
+        have_file: Option<PathBuf>,
+    },
+    /// Apply a bundle: store its chunks (each verified) and publish its image name.
+    Unbundle { input: PathBuf },
+    /// Write the list of chunks this store holds, for a sender's `bundle --have-file`.
+    Have {
+        #[arg(long, short)]
+        output: PathBuf,
     },
     /// Build two versions of a small synthetic image (no Docker needed), add both to a scratch store, and prove the rebuild byte-identical.
     Demo {
@@ -381,6 +435,45 @@ fn run(cli: Cli) -> Result<()> {
             docker::load_cmd(&open_store(&store_path)?, &name, cli.json, show_progress)?
         }
         Cmd::Demo { keep } => demo::run(keep, cli.json)?,
+        Cmd::Push {
+            name,
+            dest,
+            as_name,
+        } => remote::push(
+            &open_store(&store_path)?,
+            &name,
+            &dest,
+            as_name.as_deref(),
+            cli.json,
+            show_progress,
+        )?,
+        Cmd::Pull { src, name, as_name } => remote::pull(
+            &open_store(&store_path)?,
+            &src,
+            &name,
+            as_name.as_deref(),
+            cli.json,
+            show_progress,
+        )?,
+        Cmd::Serve {
+            stdio: _,
+            read_only,
+        } => remote::serve_stdio(&open_store(&store_path)?, read_only)?,
+        Cmd::Bundle {
+            name,
+            output,
+            have,
+            have_file,
+        } => remote::bundle(
+            &open_store(&store_path)?,
+            &name,
+            &output,
+            &have,
+            have_file.as_deref(),
+            cli.json,
+        )?,
+        Cmd::Unbundle { input } => remote::unbundle(&open_store(&store_path)?, &input, cli.json)?,
+        Cmd::Have { output } => remote::have(&open_store(&store_path)?, &output, cli.json)?,
     }
     std::io::stdout().flush().ok();
     Ok(())

@@ -243,3 +243,111 @@ fn skopeo_reads_rebuilt_archives() {
         );
     }
 }
+
+/// push, pull, bundle and unbundle through the binary, between local
+/// stores (the same `serve --stdio` path that ssh uses).
+#[test]
+fn push_pull_and_bundle_between_stores() {
+    let d = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["--json", "demo", "--keep"])
+        .arg(d.path())
+        .output()
+        .unwrap();
+    ok(out);
+    let src = d.path().join("store");
+    let dst = d.path().join("dst");
+    ok(wharf(&dst).arg("init").output().unwrap());
+    let p1 = ok(wharf(&src)
+        .args(["--json", "push", "wharf-demo:v1"])
+        .arg(&dst)
+        .output()
+        .unwrap());
+    let p2 = ok(wharf(&src)
+        .args(["--json", "push", "wharf-demo:v2"])
+        .arg(&dst)
+        .output()
+        .unwrap());
+    let j1: serde_json::Value = serde_json::from_str(&p1).unwrap();
+    let j2: serde_json::Value = serde_json::from_str(&p2).unwrap();
+    let (w1, w2) = (
+        j1["wire_bytes_out"].as_u64().unwrap(),
+        j2["wire_bytes_out"].as_u64().unwrap(),
+    );
+    assert!(w2 * 4 < w1, "v2 push sent {w2} bytes, v1 {w1}");
+    let rebuilt = d.path().join("v2.from-dst.tar");
+    ok(wharf(&dst)
+        .args(["extract", "wharf-demo:v2", "-o"])
+        .arg(&rebuilt)
+        .output()
+        .unwrap());
+    assert!(
+        std::fs::read(&rebuilt).unwrap()
+            == std::fs::read(d.path().join("wharf-demo_v2.tar")).unwrap()
+    );
+
+    // Pull back into a third store.
+    let third = d.path().join("third");
+    ok(wharf(&third).arg("init").output().unwrap());
+    ok(wharf(&third)
+        .arg("pull")
+        .arg(&dst)
+        .args(["wharf-demo:v2", "--as", "copy"])
+        .output()
+        .unwrap());
+    let out = wharf(&third)
+        .args(["extract", "copy", "-o", "-"])
+        .output()
+        .unwrap();
+    assert!(out.status.success() && out.stdout == std::fs::read(&rebuilt).unwrap());
+
+    // Offline: the receiver says what it has, the sender bundles the rest.
+    let fourth = d.path().join("fourth");
+    ok(wharf(&fourth).arg("init").output().unwrap());
+    ok(wharf(&fourth)
+        .arg("pull")
+        .arg(&src)
+        .arg("wharf-demo:v1")
+        .output()
+        .unwrap());
+    let have = d.path().join("fourth.have");
+    ok(wharf(&fourth)
+        .args(["have", "-o"])
+        .arg(&have)
+        .output()
+        .unwrap());
+    let bundle = d.path().join("v2.wharf");
+    ok(wharf(&src)
+        .args(["bundle", "wharf-demo:v2", "--have-file"])
+        .arg(&have)
+        .arg("-o")
+        .arg(&bundle)
+        .output()
+        .unwrap());
+    let size = std::fs::metadata(&bundle).unwrap().len();
+    assert!(size * 4 < w1, "bundle of {size} bytes is not a delta");
+    ok(wharf(&fourth)
+        .arg("unbundle")
+        .arg(&bundle)
+        .output()
+        .unwrap());
+    let out = wharf(&fourth)
+        .args(["extract", "wharf-demo:v2", "-o", "-"])
+        .output()
+        .unwrap();
+    assert!(out.status.success() && out.stdout == std::fs::read(&rebuilt).unwrap());
+
+    // Not a store / unknown scheme: clear errors.
+    let e = wharf(&src)
+        .args(["push", "wharf-demo:v2", "/nonexistent/store"])
+        .output()
+        .unwrap();
+    assert!(!e.status.success());
+    assert!(String::from_utf8_lossy(&e.stderr).contains("not a wharf store"));
+    let e = wharf(&src)
+        .args(["push", "wharf-demo:v2", "http://example.invalid:7878"])
+        .output()
+        .unwrap();
+    assert!(!e.status.success());
+    assert!(String::from_utf8_lossy(&e.stderr).contains("HTTP transport is not built yet"));
+}

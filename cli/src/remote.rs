@@ -1,0 +1,243 @@
+//! `push`, `pull`, `serve --stdio`, `bundle`, `unbundle`, `have`.
+
+use anyhow::{bail, Context, Result};
+use indicatif::HumanBytes;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use wharf_format::Store;
+use wharf_transport::bundle;
+use wharf_transport::session::{self, Client, TransferReport};
+
+/// Starts `wharf serve --stdio` for a destination: over ssh for
+/// `ssh://[user@]host[:port]/path`, as a local child for a directory.
+fn spawn_server(dest: &str) -> Result<Child> {
+    let mut cmd = if let Some(rest) = dest.strip_prefix("ssh://") {
+        let (authority, path) = rest
+            .split_once('/')
+            .with_context(|| format!("{dest}: expected ssh://[user@]host[:port]/path/to/store"))?;
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => (h, Some(p)),
+            _ => (authority, None),
+        };
+        let remote_bin = std::env::var("WHARF_REMOTE_BIN").unwrap_or_else(|_| "wharf".into());
+        let mut c = Command::new("ssh");
+        if let Some(p) = port {
+            c.args(["-p", p]);
+        }
+        // The remote path is passed as one shell word.
+        let quoted = format!("'/{}'", path.replace('\'', "'\\''"));
+        c.arg("--").arg(host).arg(format!(
+            "{remote_bin} --store {quoted} --quiet serve --stdio"
+        ));
+        c
+    } else if dest.starts_with("http://") || dest.starts_with("https://") {
+        bail!("{dest}: the HTTP transport is not built yet; use ssh://host/path, a local store path, or `wharf bundle`")
+    } else {
+        let path = dest.strip_prefix("file://").unwrap_or(dest);
+        if !Path::new(path).join("config.json").exists() {
+            bail!(
+                "{path} is not a wharf store (create one there with `wharf --store {path} init`)"
+            );
+        }
+        let mut c = Command::new(std::env::current_exe().context("find the wharf binary")?);
+        c.arg("--store")
+            .arg(path)
+            .args(["--quiet", "serve", "--stdio"]);
+        c
+    };
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    cmd.spawn()
+        .with_context(|| format!("start the wharf server for {dest}"))
+}
+
+fn report(rep: &TransferReport, verb: &str, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(rep)?);
+    } else {
+        println!(
+            "{}: {verb} {} chunks ({} on the wire), skipped {} chunks and {} whole layers the other side had; image {}, {:.1} s",
+            rep.name,
+            rep.chunks_sent,
+            HumanBytes(rep.wire_bytes_out + rep.wire_bytes_in),
+            rep.chunks_skipped,
+            rep.layers_skipped,
+            HumanBytes(rep.image_bytes),
+            rep.seconds
+        );
+    }
+    Ok(())
+}
+
+fn progress_printer(show: bool, verb: &'static str) -> impl Fn(&TransferReport) {
+    move |r: &TransferReport| {
+        if show {
+            eprint!(
+                "\r{verb}: {} chunks, {} payload, {} skipped    ",
+                r.chunks_sent,
+                HumanBytes(r.payload_bytes),
+                r.chunks_skipped
+            );
+        }
+    }
+}
+
+fn finish_child(mut child: Child, ok: bool) -> Result<()> {
+    drop(child.stdin.take());
+    let status = child.wait()?;
+    if ok && !status.success() {
+        bail!("the wharf server exited with {status}");
+    }
+    Ok(())
+}
+
+pub fn push(
+    store: &Arc<Store>,
+    name: &str,
+    dest: &str,
+    as_name: Option<&str>,
+    json: bool,
+    show: bool,
+) -> Result<()> {
+    store.require_ref(name)?;
+    let mut child = spawn_server(dest)?;
+    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        bail!("no pipes to the wharf server");
+    };
+    let res = Client::connect(
+        std::io::BufReader::new(stdout),
+        std::io::BufWriter::new(stdin),
+        "push",
+    )
+    .and_then(|mut c| {
+        c.push(
+            store,
+            name,
+            as_name.unwrap_or(name),
+            &progress_printer(show, "pushing"),
+        )
+    });
+    if show {
+        eprintln!();
+    }
+    finish_child(child, res.is_ok())?;
+    let rep = res.with_context(|| format!("push {name} to {dest}"))?;
+    report(&rep, "sent", json)
+}
+
+pub fn pull(
+    store: &Arc<Store>,
+    src: &str,
+    name: &str,
+    as_name: Option<&str>,
+    json: bool,
+    show: bool,
+) -> Result<()> {
+    let mut child = spawn_server(src)?;
+    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        bail!("no pipes to the wharf server");
+    };
+    let res = Client::connect(
+        std::io::BufReader::new(stdout),
+        std::io::BufWriter::new(stdin),
+        "pull",
+    )
+    .and_then(|mut c| {
+        c.pull(
+            store,
+            name,
+            as_name.unwrap_or(name),
+            &progress_printer(show, "pulling"),
+        )
+    });
+    if show {
+        eprintln!();
+    }
+    finish_child(child, res.is_ok())?;
+    let rep = res.with_context(|| format!("pull {name} from {src}"))?;
+    report(&rep, "fetched", json)
+}
+
+pub fn serve_stdio(store: &Arc<Store>, read_only: bool) -> Result<()> {
+    let stdin = std::io::stdin();
+    let stdout = std::io::stdout();
+    let mut input = std::io::BufReader::with_capacity(1 << 20, stdin.lock());
+    let mut output = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+    session::serve(store.clone(), &mut input, &mut output, read_only)?;
+    Ok(())
+}
+
+pub fn bundle(
+    store: &Arc<Store>,
+    name: &str,
+    output: &Path,
+    have: &[String],
+    have_file: Option<&Path>,
+    json: bool,
+) -> Result<()> {
+    let have_ids = match have_file {
+        Some(p) => {
+            let mut f = std::io::BufReader::new(
+                std::fs::File::open(p).with_context(|| format!("open {}", p.display()))?,
+            );
+            bundle::read_have(&mut f)?
+        }
+        None => Default::default(),
+    };
+    let dir = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = tempfile::NamedTempFile::new_in(dir)?;
+    let mut w = std::io::BufWriter::new(tmp.reopen()?);
+    let rep = bundle::write_bundle(store, name, have, &have_ids, &mut w)?;
+    drop(w);
+    tmp.as_file().sync_all()?;
+    tmp.persist(output)
+        .with_context(|| format!("write {}", output.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+    } else {
+        println!(
+            "{}: bundle {} ({} chunks; {} skipped as the receiver has them), image {}",
+            output.display(),
+            HumanBytes(rep.wire_bytes_out),
+            rep.chunks_sent,
+            rep.chunks_skipped,
+            HumanBytes(rep.image_bytes)
+        );
+    }
+    Ok(())
+}
+
+pub fn unbundle(store: &Arc<Store>, input: &Path, json: bool) -> Result<()> {
+    let mut f = std::io::BufReader::with_capacity(
+        1 << 20,
+        std::fs::File::open(input).with_context(|| format!("open {}", input.display()))?,
+    );
+    let names = bundle::read_bundle(store, &mut f)
+        .with_context(|| format!("unbundle {}", input.display()))?;
+    if json {
+        println!("{}", serde_json::json!({ "published": names }));
+    } else {
+        for n in names {
+            println!("{n}: published from {}", input.display());
+        }
+    }
+    Ok(())
+}
+
+pub fn have(store: &Arc<Store>, output: &Path, json: bool) -> Result<()> {
+    let mut w = std::io::BufWriter::new(
+        std::fs::File::create(output).with_context(|| format!("create {}", output.display()))?,
+    );
+    let n = bundle::write_have(store, &mut w)?;
+    if json {
+        println!("{}", serde_json::json!({ "chunks": n, "output": output }));
+    } else {
+        println!("{}: {n} chunk ids", output.display());
+    }
+    Ok(())
+}
