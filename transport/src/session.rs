@@ -2,8 +2,8 @@
 //! client's push and pull.
 
 use crate::frame::{
-    bit, bitmap, decode_chunks, decode_ids, encode_chunk, encode_ids, read_frame,
-    write_frame, Kind, WireChunk,
+    bit, bitmap, decode_chunks, decode_ids, encode_chunk, encode_ids, read_frame, write_frame,
+    Kind, WireChunk,
 };
 use crate::walk;
 use crate::{Error, Result, PROTOCOL_VERSION};
