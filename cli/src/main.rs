@@ -119,7 +119,9 @@ enum Cmd {
     },
     /// Send an image to another store, sending only the chunks it lacks.
     ///
-    /// DEST is `ssh://[user@]host[:port]/path/to/store` (runs `wharf serve --stdio` there over
+    /// DEST is `http://host:port` (a `wharf serve --listen` server; the token, if it needs one,
+    /// comes from $WHARF_TOKEN or --token-file, never the command line),
+    /// `ssh://[user@]host[:port]/path/to/store` (runs `wharf serve --stdio` there over
     /// ssh; the remote `wharf` is $WHARF_REMOTE_BIN or `wharf` on its PATH) or a local store
     /// directory. Layers the receiver already holds cost one hash each; the rest is asked
     /// about in batches of thousands of chunk hashes. The name is published on the receiver
@@ -131,6 +133,9 @@ enum Cmd {
         /// Publish under this name on the receiver (default: the same name).
         #[arg(long = "as")]
         as_name: Option<String>,
+        /// For http:// servers: a file holding the token (else $WHARF_TOKEN).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
     },
     /// Fetch an image from another store (see `push` for SRC), fetching only missing chunks.
     Pull {
@@ -139,12 +144,31 @@ enum Cmd {
         /// Store under this name here (default: the same name).
         #[arg(long = "as")]
         as_name: Option<String>,
+        /// For http:// servers: a file holding the token (else $WHARF_TOKEN).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
     },
-    /// Serve this store over stdin/stdout (what `push`/`pull` run on the other side over ssh).
+    /// Serve this store over stdin/stdout (what `push`/`pull` run on the other side over ssh),
+    /// or over HTTP with --listen.
+    ///
+    /// Over HTTP, pushes need the token in --push-token-file (without one the server is
+    /// read-only) and reads need the one in --read-token-file if given. Plain HTTP: put a
+    /// TLS proxy or a tunnel in front of it on an untrusted network.
+    #[command(group(clap::ArgGroup::new("mode").required(true).args(["stdio", "listen"])))]
     Serve {
         /// Speak the protocol on stdin/stdout.
-        #[arg(long, required = true)]
+        #[arg(long)]
         stdio: bool,
+        /// Serve HTTP on this address, e.g. 0.0.0.0:7878 (port 0: any free port; the address
+        /// is printed on stdout).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+        /// A file holding the token pushes must present (one line).
+        #[arg(long, requires = "listen")]
+        push_token_file: Option<PathBuf>,
+        /// A file holding the token reads must present; without it reads are open.
+        #[arg(long, requires = "listen")]
+        read_token_file: Option<PathBuf>,
         /// Refuse pushes.
         #[arg(long)]
         read_only: bool,
@@ -439,25 +463,48 @@ fn run(cli: Cli) -> Result<()> {
             name,
             dest,
             as_name,
+            token_file,
         } => remote::push(
             &open_store(&store_path)?,
             &name,
             &dest,
             as_name.as_deref(),
+            token_file.as_deref(),
             cli.json,
             show_progress,
         )?,
-        Cmd::Pull { src, name, as_name } => remote::pull(
+        Cmd::Pull {
+            src,
+            name,
+            as_name,
+            token_file,
+        } => remote::pull(
             &open_store(&store_path)?,
             &src,
             &name,
             as_name.as_deref(),
+            token_file.as_deref(),
             cli.json,
             show_progress,
         )?,
         Cmd::Serve {
             stdio: _,
+            listen: Some(addr),
+            push_token_file,
+            read_token_file,
             read_only,
+        } => remote::serve_http(
+            &open_store(&store_path)?,
+            &addr,
+            push_token_file.as_deref().filter(|_| !read_only),
+            read_token_file.as_deref(),
+            cli.json,
+        )?,
+        Cmd::Serve {
+            stdio: _,
+            listen: None,
+            read_only,
+            ..
         } => remote::serve_stdio(&open_store(&store_path)?, read_only)?,
         Cmd::Bundle {
             name,

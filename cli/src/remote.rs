@@ -1,4 +1,4 @@
-//! `push`, `pull`, `serve --stdio`, `bundle`, `unbundle`, `have`.
+//! `push`, `pull`, `serve --stdio`, `serve --listen`, `bundle`, `unbundle`, `have`.
 
 use anyhow::{bail, Context, Result};
 use indicatif::HumanBytes;
@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use wharf_format::Store;
 use wharf_transport::bundle;
+use wharf_transport::http::{self, HttpClient};
 use wharf_transport::session::{self, Client, TransferReport};
 
 /// Starts `wharf serve --stdio` for a destination: over ssh for
@@ -31,8 +32,6 @@ fn spawn_server(dest: &str) -> Result<Child> {
             "{remote_bin} --store {quoted} --quiet serve --stdio"
         ));
         c
-    } else if dest.starts_with("http://") || dest.starts_with("https://") {
-        bail!("{dest}: the HTTP transport is not built yet; use ssh://host/path, a local store path, or `wharf bundle`")
     } else {
         let path = dest.strip_prefix("file://").unwrap_or(dest);
         if !Path::new(path).join("config.json").exists() {
@@ -93,15 +92,55 @@ fn finish_child(mut child: Child, ok: bool) -> Result<()> {
     Ok(())
 }
 
+fn is_http(url: &str) -> bool {
+    url.starts_with("http://") || url.starts_with("https://")
+}
+
+/// The client's token: --token-file, else $WHARF_TOKEN, else none. Never
+/// taken from the command line itself.
+fn client_token(token_file: Option<&Path>) -> Result<Option<String>> {
+    if let Some(p) = token_file {
+        return Ok(Some(http::read_token_file(p)?));
+    }
+    match std::env::var("WHARF_TOKEN") {
+        Ok(t) if !t.is_empty() => Ok(Some(
+            http::check_token(t.trim_end_matches(['\n', '\r'])).context("$WHARF_TOKEN")?,
+        )),
+        _ => Ok(None),
+    }
+}
+
+fn http_client(url: &str, token_file: Option<&Path>) -> Result<HttpClient> {
+    HttpClient::connect(url, client_token(token_file)?).with_context(|| format!("connect to {url}"))
+}
+
 pub fn push(
     store: &Arc<Store>,
     name: &str,
     dest: &str,
     as_name: Option<&str>,
+    token_file: Option<&Path>,
     json: bool,
     show: bool,
 ) -> Result<()> {
     store.require_ref(name)?;
+    if is_http(dest) {
+        let c = http_client(dest, token_file)?;
+        if c.server.read_only {
+            bail!("{dest} is read-only (the server was started without --push-token-file)");
+        }
+        let res = c.push(
+            store,
+            name,
+            as_name.unwrap_or(name),
+            &progress_printer(show, "pushing"),
+        );
+        if show {
+            eprintln!();
+        }
+        let rep = res.with_context(|| format!("push {name} to {dest}"))?;
+        return report(&rep, "sent", json);
+    }
     let mut child = spawn_server(dest)?;
     let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         bail!("no pipes to the wharf server");
@@ -132,9 +171,23 @@ pub fn pull(
     src: &str,
     name: &str,
     as_name: Option<&str>,
+    token_file: Option<&Path>,
     json: bool,
     show: bool,
 ) -> Result<()> {
+    if is_http(src) {
+        let res = http_client(src, token_file)?.pull(
+            store,
+            name,
+            as_name.unwrap_or(name),
+            &progress_printer(show, "pulling"),
+        );
+        if show {
+            eprintln!();
+        }
+        let rep = res.with_context(|| format!("pull {name} from {src}"))?;
+        return report(&rep, "fetched", json);
+    }
     let mut child = spawn_server(src)?;
     let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         bail!("no pipes to the wharf server");
@@ -166,6 +219,45 @@ pub fn serve_stdio(store: &Arc<Store>, read_only: bool) -> Result<()> {
     let mut input = std::io::BufReader::with_capacity(1 << 20, stdin.lock());
     let mut output = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
     session::serve(store.clone(), &mut input, &mut output, read_only)?;
+    Ok(())
+}
+
+/// `wharf serve --listen ADDR`: runs until killed. The bound address is
+/// printed on stdout once connections are accepted.
+pub fn serve_http(
+    store: &Arc<Store>,
+    addr: &str,
+    push_token_file: Option<&Path>,
+    read_token_file: Option<&Path>,
+    json: bool,
+) -> Result<()> {
+    let tokens = http::Tokens {
+        push: push_token_file
+            .map(http::read_token_file)
+            .transpose()
+            .context("--push-token-file")?,
+        read: read_token_file
+            .map(http::read_token_file)
+            .transpose()
+            .context("--read-token-file")?,
+    };
+    let mode = match (&tokens.push, &tokens.read) {
+        (None, None) => "read-only, reads open",
+        (None, Some(_)) => "read-only, reads need a token",
+        (Some(_), None) => "pushes need a token, reads open",
+        (Some(_), Some(_)) => "pushes and reads need tokens",
+    };
+    http::serve(store.clone(), addr, tokens, |a| {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"listening": format!("http://{a}")})
+            );
+        } else {
+            println!("wharf: serving on http://{a} ({mode})");
+        }
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+    })?;
     Ok(())
 }
 

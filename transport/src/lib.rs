@@ -14,6 +14,7 @@
 
 pub mod bundle;
 pub mod frame;
+pub mod http;
 pub mod session;
 pub mod walk;
 

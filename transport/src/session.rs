@@ -83,7 +83,7 @@ impl<S: Write> Write for Counted<S> {
     }
 }
 
-fn hello(role: &str, read_only: bool) -> Vec<u8> {
+pub(crate) fn hello(role: &str, read_only: bool) -> Vec<u8> {
     serde_json::to_vec(&Hello {
         protocol: PROTOCOL_VERSION,
         software: format!("wharf {}", env!("CARGO_PKG_VERSION")),
@@ -109,7 +109,7 @@ fn expect(r: &mut dyn Read, kind: Kind) -> Result<Vec<u8>> {
     }
 }
 
-fn check_hello(payload: &[u8]) -> Result<Hello> {
+pub(crate) fn check_hello(payload: &[u8]) -> Result<Hello> {
     let h: Hello =
         serde_json::from_slice(payload).map_err(|e| Error::Protocol(format!("bad HELLO: {e}")))?;
     if h.protocol != PROTOCOL_VERSION {
@@ -192,6 +192,35 @@ impl Receiver {
     }
 }
 
+/// The reply to HAS: one bit per id, set when the store holds that chunk.
+/// Shared by the stream server and the HTTP server.
+pub(crate) fn answer_has(store: &Store, payload: &[u8]) -> Result<Vec<u8>> {
+    let ids = decode_ids(payload)?;
+    Ok(bitmap(ids.iter().map(|i| store.contains(i))))
+}
+
+/// The reply to HAS_LAYERS against `complete` (from `walk::complete_layers`).
+pub(crate) fn answer_has_layers(complete: &HashSet<ChunkId>, payload: &[u8]) -> Result<Vec<u8>> {
+    let ids = decode_ids(payload)?;
+    Ok(bitmap(ids.iter().map(|i| complete.contains(i))))
+}
+
+/// Appends chunk `id`, as stored, to a PUT or CHUNKS payload; returns the
+/// bytes of compressed chunk data it added.
+pub(crate) fn encode_stored(store: &Store, id: &ChunkId, buf: &mut Vec<u8>) -> Result<u64> {
+    let (raw_len, stored) = store.read_stored(id)?;
+    let n = stored.len() as u64;
+    encode_chunk(
+        buf,
+        &WireChunk {
+            id: *id,
+            raw_len,
+            stored,
+        },
+    );
+    Ok(n)
+}
+
 /// Serves one session on a byte stream until the client says BYE or
 /// closes it. Writes (PUT, PUBLISH) are refused when `read_only`.
 pub fn serve(
@@ -235,24 +264,14 @@ fn serve_loop(
         match f.kind {
             Kind::Bye => return Ok(()),
             Kind::Has => {
-                let ids = decode_ids(&f.payload)?;
-                write_frame(
-                    output,
-                    Kind::HasReply,
-                    &bitmap(ids.iter().map(|i| store.contains(i))),
-                )?;
+                write_frame(output, Kind::HasReply, &answer_has(store, &f.payload)?)?;
             }
             Kind::HasLayers => {
-                let ids = decode_ids(&f.payload)?;
                 let c = match &mut complete {
                     Some(c) => c,
                     None => complete.insert(walk::complete_layers(store)?),
                 };
-                write_frame(
-                    output,
-                    Kind::HasReply,
-                    &bitmap(ids.iter().map(|i| c.contains(i))),
-                )?;
+                write_frame(output, Kind::HasReply, &answer_has_layers(c, &f.payload)?)?;
             }
             Kind::GetRef => {
                 let name = String::from_utf8_lossy(&f.payload).into_owned();
@@ -273,15 +292,7 @@ fn serve_loop(
                 let ids = decode_ids(&f.payload)?;
                 let mut buf = Vec::new();
                 for id in ids {
-                    let (raw_len, stored) = store.read_stored(&id)?;
-                    encode_chunk(
-                        &mut buf,
-                        &WireChunk {
-                            id,
-                            raw_len,
-                            stored,
-                        },
-                    );
+                    encode_stored(store, &id, &mut buf)?;
                     if buf.len() >= FRAME_BYTES {
                         write_frame(output, Kind::Chunks, &buf)?;
                         buf.clear();
@@ -410,17 +421,8 @@ impl<R: Read, W: Write> Client<R, W> {
                 rep.chunks_skipped += 1;
                 continue;
             }
-            let (raw_len, stored) = store.read_stored(id)?;
-            rep.payload_bytes += stored.len() as u64;
+            rep.payload_bytes += encode_stored(store, id, &mut buf)?;
             rep.chunks_sent += 1;
-            encode_chunk(
-                &mut buf,
-                &WireChunk {
-                    id: *id,
-                    raw_len,
-                    stored,
-                },
-            );
             if buf.len() >= FRAME_BYTES {
                 self.send(Kind::Put, &buf)?;
                 buf.clear();

@@ -1,0 +1,760 @@
+//! The protocol over HTTP: `wharf serve --listen` and push/pull to `http://`.
+//!
+//! Each message of the stream protocol becomes one stateless request (see
+//! spec/PROTOCOL-HTTP.md): the bodies are the same payloads the stream
+//! frames carry, so the encoders, decoders and the `Receiver` are shared
+//! with `session.rs`. A PUT request's chunks are verified, written and
+//! published (pack, then index) before the reply, so whatever a request
+//! stored survives the interruption of any later one.
+//!
+//! The server is axum on tokio; store work runs on `spawn_blocking`. The
+//! client is blocking (ureq, plain HTTP only: no TLS in this build), with a
+//! few threads to keep several requests in flight.
+
+use crate::frame::{bit, decode_chunks, encode_ids, MAX_FRAME};
+use crate::session::{
+    answer_has, answer_has_layers, check_hello, encode_stored, hello, Hello, PublishMsg, Receiver,
+    TransferReport, BATCH_IDS, GET_BATCH, IN_FLIGHT,
+};
+use crate::{walk, Error, Result, PROTOCOL_VERSION};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use wharf_format::store::RefValue;
+use wharf_format::{ChunkId, Store};
+
+/// Largest request body the server reads (larger: 413), and the largest
+/// reply body a client reads.
+pub const MAX_BODY: usize = MAX_FRAME as usize;
+/// Bytes of chunks a client puts in one PUT request. Each PUT becomes one
+/// pack on the receiver, so this is large.
+pub const PUT_BYTES: usize = 32 << 20;
+/// A GET reply stops adding chunks past this many bytes; the client asks
+/// again for the rest.
+pub const GET_REPLY_BYTES: usize = 32 << 20;
+/// Header a client may send; a server refuses a version it does not speak.
+pub const VERSION_HEADER: &str = "wharf-protocol";
+
+/// Reads a token file: one line, the trailing newline dropped. An empty
+/// token, or one with control characters, is refused.
+pub fn read_token_file(path: &std::path::Path) -> Result<String> {
+    let s = std::fs::read_to_string(path).map_err(|e| {
+        Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("read token file {}: {e}", path.display()),
+        ))
+    })?;
+    check_token(s.trim_end_matches(['\n', '\r']))
+        .map_err(|e| Error::Protocol(format!("token file {}: {e}", path.display())))
+}
+
+/// A token as given (`$WHARF_TOKEN` or a file): non-empty, visible ASCII.
+pub fn check_token(t: &str) -> Result<String> {
+    if t.is_empty() {
+        return Err(Error::Protocol("the token is empty".into()));
+    }
+    if !t.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::Protocol(
+            "the token must be printable ASCII without spaces".into(),
+        ));
+    }
+    Ok(t.to_string())
+}
+
+/// Who may do what. No push token: the server is read-only.
+#[derive(Clone, Default)]
+pub struct Tokens {
+    pub push: Option<String>,
+    pub read: Option<String>,
+}
+
+#[derive(Clone)]
+struct Srv {
+    store: Arc<Store>,
+    tokens: Arc<Tokens>,
+    /// Serializes finishing writers: each finish may merge index files.
+    finish: Arc<Mutex<()>>,
+}
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.0, self.1).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"wharf\""),
+            );
+        }
+        r
+    }
+}
+
+/// Input problems are the client's (400); anything else is the server's.
+fn status_of(e: &Error) -> StatusCode {
+    use wharf_format::Error as F;
+    match e {
+        Error::Protocol(_) => StatusCode::BAD_REQUEST,
+        Error::Store(F::NoSuchName(_)) => StatusCode::NOT_FOUND,
+        Error::Store(F::Invalid(_)) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn api(e: Error) -> ApiError {
+    ApiError(status_of(&e), e.to_string())
+}
+
+/// Runs store work off the async threads, under the store's shared lock
+/// (so `wharf gc` waits for it), mapping errors to replies.
+async fn blocking<T: Send + 'static>(
+    s: &Srv,
+    f: impl FnOnce(&Arc<Store>) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let store = s.store.clone();
+    tokio::task::spawn_blocking(move || {
+        let _lock = store.lock(false).map_err(|e| api(e.into()))?;
+        f(&store)
+    })
+    .await
+    .map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("request failed: {e}"),
+        )
+    })?
+}
+
+fn octets(b: Vec<u8>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Bytes::from(b),
+    )
+        .into_response()
+}
+
+fn json(b: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], Bytes::from(b)).into_response()
+}
+
+fn bearer(h: &HeaderMap) -> Option<&str> {
+    h.get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+/// Checks the token (before any body is read) and the protocol version.
+async fn gate(State(s): State<Srv>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if path != "/v1/hello" {
+        let write = path == "/v1/put" || path == "/v1/publish";
+        let need = if write {
+            match &s.tokens.push {
+                Some(t) => Some(t),
+                None => {
+                    return ApiError(
+                        StatusCode::FORBIDDEN,
+                        "this server is read-only (it was started without --push-token-file)"
+                            .into(),
+                    )
+                    .into_response()
+                }
+            }
+        } else {
+            s.tokens.read.as_ref()
+        };
+        if let Some(t) = need {
+            match bearer(req.headers()) {
+                None => {
+                    return ApiError(
+                        StatusCode::UNAUTHORIZED,
+                        "this request needs a token (Authorization: Bearer; the client reads $WHARF_TOKEN or --token-file)".into(),
+                    )
+                    .into_response()
+                }
+                Some(got) if constant_time_eq::constant_time_eq(got.as_bytes(), t.as_bytes()) => {}
+                Some(_) => {
+                    return ApiError(StatusCode::FORBIDDEN, "wrong token".into()).into_response()
+                }
+            }
+        }
+    }
+    if let Some(v) = req.headers().get(VERSION_HEADER) {
+        if v.to_str().ok() != Some(PROTOCOL_VERSION.to_string().as_str()) {
+            return ApiError(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the client speaks protocol version {}, this server speaks {PROTOCOL_VERSION}: upgrade the older one",
+                    String::from_utf8_lossy(v.as_bytes())
+                ),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn h_hello(State(s): State<Srv>) -> Response {
+    json(hello("server", s.tokens.push.is_none()))
+}
+
+async fn h_has(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiError> {
+    blocking(&s, move |store| answer_has(store, &body).map_err(api))
+        .await
+        .map(octets)
+}
+
+async fn h_has_layers(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiError> {
+    blocking(&s, move |store| {
+        // Another process may have published since: look again.
+        store.reload_index().map_err(|e| api(e.into()))?;
+        let complete = walk::complete_layers(store).map_err(api)?;
+        answer_has_layers(&complete, &body).map_err(api)
+    })
+    .await
+    .map(octets)
+}
+
+async fn h_ref(State(s): State<Srv>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    blocking(&s, move |store| {
+        store.reload_index().map_err(|e| api(e.into()))?;
+        match store.get_ref(&name).map_err(|e| api(e.into()))? {
+            Some(r) => Ok(serde_json::to_vec(&r).unwrap_or_default()),
+            None => Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no image named {name:?} here"),
+            )),
+        }
+    })
+    .await
+    .map(json)
+}
+
+async fn h_get(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiError> {
+    blocking(&s, move |store| {
+        let ids = crate::frame::decode_ids(&body).map_err(api)?;
+        let mut buf = Vec::new();
+        for id in &ids {
+            if buf.len() >= GET_REPLY_BYTES {
+                break;
+            }
+            if !store.contains(id) {
+                return Err(ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!("chunk {id} is not here"),
+                ));
+            }
+            encode_stored(store, id, &mut buf).map_err(api)?;
+        }
+        Ok(buf)
+    })
+    .await
+    .map(octets)
+}
+
+async fn h_put(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiError> {
+    let finish = s.finish.clone();
+    blocking(&s, move |store| {
+        let bad = |e: Error| match e {
+            // A chunk that does not decompress to its hash is the client's fault.
+            Error::Store(wharf_format::Error::Corrupt(m)) => ApiError(StatusCode::BAD_REQUEST, m),
+            e => api(e),
+        };
+        // Decoding checks every entry's framing before anything is stored.
+        // An empty PUT stores nothing: clients send one to check their token
+        // before streaming chunks.
+        if decode_chunks(&body).map_err(api)?.is_empty() {
+            return Ok(br#"{"received":0,"new":0}"#.to_vec());
+        }
+        let mut r = Receiver::new(store.clone());
+        r.put(&body).map_err(bad)?;
+        let _one = finish.lock().map_err(|_| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "writer lock poisoned".into(),
+            )
+        })?;
+        r.flush().map_err(bad)?;
+        Ok(serde_json::to_vec(&serde_json::json!({
+            "received": r.received,
+            "new": r.new_chunks,
+        }))
+        .unwrap_or_default())
+    })
+    .await
+    .map(json)
+}
+
+async fn h_publish(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiError> {
+    blocking(&s, move |store| {
+        let msg: PublishMsg = serde_json::from_slice(&body)
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad PUBLISH: {e}")))?;
+        let mut r = Receiver::new(store.clone());
+        r.publish(&msg).map_err(|e| match e {
+            // The recipe is not complete here: push the missing chunks first.
+            Error::Protocol(m) => ApiError(StatusCode::CONFLICT, m),
+            e => api(e),
+        })?;
+        Ok(serde_json::to_vec(&serde_json::json!({"published": msg.name})).unwrap_or_default())
+    })
+    .await
+    .map(json)
+}
+
+/// The HTTP API over `store`.
+pub fn router(store: Arc<Store>, tokens: Tokens) -> Router {
+    let s = Srv {
+        store,
+        tokens: Arc::new(tokens),
+        finish: Arc::new(Mutex::new(())),
+    };
+    Router::new()
+        .route("/v1/hello", get(h_hello))
+        .route("/v1/has", post(h_has))
+        .route("/v1/has-layers", post(h_has_layers))
+        .route("/v1/ref/{*name}", get(h_ref))
+        .route("/v1/get", post(h_get))
+        .route("/v1/put", post(h_put))
+        .route("/v1/publish", post(h_publish))
+        .layer(axum::middleware::from_fn_with_state(s.clone(), gate))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(s)
+}
+
+/// Serves `store` on `addr` until the process ends; `on_listen` is told the
+/// bound address (useful with port 0) once connections are accepted.
+pub fn serve(
+    store: Arc<Store>,
+    addr: &str,
+    tokens: Tokens,
+    on_listen: impl FnOnce(SocketAddr),
+) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_io()
+        .build()
+        .map_err(Error::Io)?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            Error::Io(std::io::Error::new(
+                e.kind(),
+                format!("listen on {addr}: {e}"),
+            ))
+        })?;
+        on_listen(listener.local_addr().map_err(Error::Io)?);
+        axum::serve(listener, router(store, tokens))
+            .await
+            .map_err(Error::Io)
+    })
+}
+
+/// Starts a server on a background thread and returns its address.
+pub fn spawn(store: Arc<Store>, addr: &str, tokens: Tokens) -> Result<SocketAddr> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let addr = addr.to_string();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        if let Err(e) = serve(store, &addr, tokens, |a| {
+            let _ = tx.send(Ok(a));
+        }) {
+            let _ = tx2.send(Err(e));
+        }
+    });
+    rx.recv()
+        .map_err(|_| Error::Protocol("the server thread stopped".into()))?
+}
+
+/// The client end: every request is independent, so it can be shared by
+/// the threads that keep several in flight.
+pub struct HttpClient {
+    agent: ureq::Agent,
+    base: String,
+    token: Option<String>,
+    pub server: Hello,
+    /// Bytes of chunks per PUT request (tests make it small).
+    pub put_bytes: usize,
+    pub in_flight: usize,
+    /// Request and response body bytes; HTTP headers are not counted.
+    bytes_out: AtomicU64,
+    bytes_in: AtomicU64,
+}
+
+fn encode_path(name: &str) -> String {
+    let mut out = String::new();
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl HttpClient {
+    /// Connects to `base` (`http://host:port`), checks the protocol version.
+    pub fn connect(base: &str, token: Option<String>) -> Result<Self> {
+        if base.starts_with("https://") {
+            return Err(Error::Protocol(format!(
+                "{base}: this wharf is built without TLS; use http:// (behind a TLS proxy or a tunnel) or ssh://"
+            )));
+        }
+        if !base.starts_with("http://") {
+            return Err(Error::Protocol(format!(
+                "{base}: expected http://host:port"
+            )));
+        }
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(std::time::Duration::from_secs(15)))
+            .max_idle_connections_per_host(IN_FLIGHT * 2)
+            .build();
+        let mut c = HttpClient {
+            agent: ureq::Agent::new_with_config(config),
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            server: Hello {
+                protocol: 0,
+                software: String::new(),
+                role: String::new(),
+                read_only: true,
+            },
+            put_bytes: PUT_BYTES,
+            in_flight: IN_FLIGHT,
+            bytes_out: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+        };
+        c.server = check_hello(&c.request("/v1/hello", None)?)?;
+        Ok(c)
+    }
+
+    /// Request and response body bytes so far (headers not counted).
+    pub fn wire_bytes(&self) -> (u64, u64) {
+        (
+            self.bytes_out.load(Ordering::Relaxed),
+            self.bytes_in.load(Ordering::Relaxed),
+        )
+    }
+
+    /// GET `path`, or POST `body` to it; the reply body, or the server's
+    /// message as an error.
+    fn request(&self, path: &str, body: Option<&[u8]>) -> Result<Vec<u8>> {
+        let url = format!("{}{path}", self.base);
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let version = PROTOCOL_VERSION.to_string();
+        let res = match body {
+            None => {
+                let mut r = self.agent.get(&url).header(VERSION_HEADER, &version);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.call()
+            }
+            Some(b) => {
+                self.bytes_out.fetch_add(b.len() as u64, Ordering::Relaxed);
+                let mut r = self
+                    .agent
+                    .post(&url)
+                    .header(VERSION_HEADER, &version)
+                    .header("Content-Type", "application/octet-stream");
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.send(b)
+            }
+        };
+        let mut res = res.map_err(|e| Error::Io(std::io::Error::other(format!("{url}: {e}"))))?;
+        let status = res.status();
+        let out = res
+            .body_mut()
+            .with_config()
+            .limit(MAX_BODY as u64)
+            .read_to_vec()
+            .map_err(|e| Error::Io(std::io::Error::other(format!("{url}: reply: {e}"))))?;
+        self.bytes_in.fetch_add(out.len() as u64, Ordering::Relaxed);
+        if !status.is_success() {
+            return Err(Error::Remote(format!(
+                "HTTP {}: {}",
+                status.as_u16(),
+                String::from_utf8_lossy(&out).trim()
+            )));
+        }
+        Ok(out)
+    }
+
+    fn ask_has(&self, ids: &[ChunkId], layers: bool) -> Result<Vec<bool>> {
+        let path = if layers { "/v1/has-layers" } else { "/v1/has" };
+        let batches: Vec<&[ChunkId]> = ids.chunks(BATCH_IDS).collect();
+        let maps = parallel(&batches, self.in_flight, |b| {
+            let map = self.request(path, Some(&encode_ids(b)))?;
+            if map.len() != b.len().div_ceil(8) {
+                return Err(Error::Protocol(
+                    "HAS reply does not match the request".into(),
+                ));
+            }
+            Ok((0..b.len()).map(|i| bit(&map, i)).collect::<Vec<bool>>())
+        })?;
+        Ok(maps.into_iter().flatten().collect())
+    }
+
+    /// Sends image `name` from `store` and publishes it on the server as `as_name`.
+    pub fn push(
+        &self,
+        store: &Store,
+        name: &str,
+        as_name: &str,
+        progress: &(dyn Fn(&TransferReport) + Sync),
+    ) -> Result<TransferReport> {
+        let started = std::time::Instant::now();
+        let r = store.require_ref(name)?;
+        let recipe = wharf_format::extract::load_recipe(store, &r.recipe)?;
+        let rep = Mutex::new(TransferReport {
+            name: as_name.to_string(),
+            image_bytes: r.len,
+            ..Default::default()
+        });
+        let snapshot = |f: &dyn Fn(&mut TransferReport)| -> TransferReport {
+            match rep.lock() {
+                Ok(mut g) => {
+                    f(&mut g);
+                    let (o, i) = self.wire_bytes();
+                    g.wire_bytes_out = o;
+                    g.wire_bytes_in = i;
+                    g.seconds = started.elapsed().as_secs_f64();
+                    g.clone()
+                }
+                Err(_) => TransferReport::default(),
+            }
+        };
+        // A refused token is reported now, not as a broken pipe mid-upload.
+        self.request("/v1/put", Some(&[]))?;
+        // Level one: whole layers.
+        let layer_ids: Vec<ChunkId> = recipe.layers.iter().map(|l| l.node).collect();
+        let have_layers = self.ask_has(&layer_ids, true)?;
+        let skip: HashSet<ChunkId> = layer_ids
+            .iter()
+            .zip(&have_layers)
+            .filter(|(_, h)| **h)
+            .map(|(i, _)| *i)
+            .collect();
+        // Level two: chunks of everything else.
+        let ids = walk::image_chunks(store, &r.recipe, &skip)?;
+        let have = self.ask_has(&ids, false)?;
+        snapshot(&|g| {
+            g.layers_skipped = skip.len() as u64;
+            g.chunks_total = ids.len() as u64;
+            g.chunks_skipped = have.iter().filter(|h| **h).count() as u64;
+        });
+        // Bodies are built here and sent by `in_flight` threads.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(self.in_flight);
+        let rx = Mutex::new(rx);
+        let failure: Mutex<Option<Error>> = Mutex::new(None);
+        let failed = AtomicBool::new(false);
+        let produced: Result<()> = std::thread::scope(|s| {
+            for _ in 0..self.in_flight.max(1) {
+                s.spawn(|| loop {
+                    let body = match rx.lock() {
+                        Ok(r) => r.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok(body) = body else { return };
+                    match self.request("/v1/put", Some(&body)) {
+                        Ok(_) => progress(&snapshot(&|_| {})),
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            if let Ok(mut f) = failure.lock() {
+                                f.get_or_insert(e);
+                            }
+                            return;
+                        }
+                    }
+                });
+            }
+            let mut buf = Vec::new();
+            let mut result = Ok(());
+            for (id, has) in ids.iter().zip(&have) {
+                if *has {
+                    continue;
+                }
+                if failed.load(Ordering::Relaxed) {
+                    break;
+                }
+                match encode_stored(store, id, &mut buf) {
+                    Ok(n) => {
+                        snapshot(&|g| {
+                            g.payload_bytes += n;
+                            g.chunks_sent += 1;
+                        });
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+                if buf.len() >= self.put_bytes && tx.send(std::mem::take(&mut buf)).is_err() {
+                    break;
+                }
+            }
+            if result.is_ok() && !buf.is_empty() && !failed.load(Ordering::Relaxed) {
+                let _ = tx.send(buf);
+            }
+            drop(tx);
+            result
+        });
+        produced?;
+        if let Some(e) = failure.lock().ok().and_then(|mut f| f.take()) {
+            return Err(e);
+        }
+        let msg = PublishMsg {
+            name: as_name.to_string(),
+            recipe: r.recipe,
+            len: r.len,
+        };
+        self.request(
+            "/v1/publish",
+            Some(&serde_json::to_vec(&msg).unwrap_or_default()),
+        )?;
+        let out = snapshot(&|_| {});
+        progress(&out);
+        Ok(out)
+    }
+
+    /// Fetches image `name` from the server into `store` as `as_name`.
+    pub fn pull(
+        &self,
+        store: &Arc<Store>,
+        name: &str,
+        as_name: &str,
+        progress: &(dyn Fn(&TransferReport) + Sync),
+    ) -> Result<TransferReport> {
+        let started = std::time::Instant::now();
+        let r: RefValue =
+            serde_json::from_slice(&self.request(&format!("/v1/ref/{}", encode_path(name)), None)?)
+                .map_err(|e| Error::Protocol(format!("bad REF: {e}")))?;
+        let mut rep = TransferReport {
+            name: as_name.to_string(),
+            image_bytes: r.len,
+            ..Default::default()
+        };
+        let _lock = store.lock(false)?;
+        let receiver = Mutex::new(Receiver::new(store.clone()));
+        let flush = || -> Result<()> {
+            receiver
+                .lock()
+                .map_err(|_| Error::Protocol("receiver lock poisoned".into()))?
+                .flush()
+        };
+        let got_chunks = AtomicU64::new(0);
+        let got_bytes = AtomicU64::new(0);
+        // Walk down the tree: whatever is missing is fetched (objects needed
+        // to walk further first), until nothing is missing. A reply may hold
+        // only part of a batch; every round must bring at least one chunk.
+        loop {
+            flush()?;
+            let missing = walk::missing(store, &r.recipe)?;
+            if missing.is_empty() {
+                break;
+            }
+            let before = got_chunks.load(Ordering::Relaxed);
+            let batches: Vec<&[ChunkId]> = missing.chunks(GET_BATCH).collect();
+            let seen = AtomicUsize::new(0);
+            parallel(&batches, self.in_flight, |b| {
+                let payload = self.request("/v1/get", Some(&encode_ids(b)))?;
+                let chunks = decode_chunks(&payload)?;
+                let asked: HashSet<&ChunkId> = b.iter().collect();
+                if chunks.is_empty() || chunks.iter().any(|c| !asked.contains(&c.id)) {
+                    return Err(Error::Protocol(
+                        "GET reply does not match the request".into(),
+                    ));
+                }
+                receiver
+                    .lock()
+                    .map_err(|_| Error::Protocol("receiver lock poisoned".into()))?
+                    .put(&payload)?;
+                got_chunks.fetch_add(chunks.len() as u64, Ordering::Relaxed);
+                got_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
+                if seen.fetch_add(1, Ordering::Relaxed) % 4 == 3 {
+                    let mut p = rep.clone();
+                    p.chunks_sent = got_chunks.load(Ordering::Relaxed);
+                    p.payload_bytes = got_bytes.load(Ordering::Relaxed);
+                    (p.wire_bytes_out, p.wire_bytes_in) = self.wire_bytes();
+                    progress(&p);
+                }
+                Ok(())
+            })?;
+            rep.chunks_total += missing.len() as u64;
+            if got_chunks.load(Ordering::Relaxed) == before {
+                return Err(Error::Protocol("the server sent no chunks".into()));
+            }
+        }
+        receiver
+            .into_inner()
+            .map_err(|_| Error::Protocol("receiver lock poisoned".into()))?
+            .publish(&PublishMsg {
+                name: as_name.to_string(),
+                recipe: r.recipe,
+                len: r.len,
+            })?;
+        rep.chunks_sent = got_chunks.load(Ordering::Relaxed);
+        rep.payload_bytes = got_bytes.load(Ordering::Relaxed);
+        (rep.wire_bytes_out, rep.wire_bytes_in) = self.wire_bytes();
+        rep.seconds = started.elapsed().as_secs_f64();
+        progress(&rep);
+        Ok(rep)
+    }
+}
+
+/// Runs `f` on every job with `n` threads; results in job order; stops
+/// handing out jobs after the first error, which it returns.
+fn parallel<J: Sync, R: Send>(
+    jobs: &[J],
+    n: usize,
+    f: impl Fn(&J) -> Result<R> + Sync,
+) -> Result<Vec<R>> {
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<R>>> = Mutex::new((0..jobs.len()).map(|_| None).collect());
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
+    let failed = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for _ in 0..n.clamp(1, jobs.len().max(1)) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= jobs.len() || failed.load(Ordering::Relaxed) {
+                    return;
+                }
+                match f(&jobs[i]) {
+                    Ok(r) => {
+                        if let Ok(mut v) = results.lock() {
+                            v[i] = Some(r);
+                        }
+                    }
+                    Err(e) => {
+                        failed.store(true, Ordering::Relaxed);
+                        if let Ok(mut x) = failure.lock() {
+                            x.get_or_insert(e);
+                        }
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failure.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    results
+        .into_inner()
+        .map_err(|_| Error::Protocol("a worker thread panicked".into()))?
+        .into_iter()
+        .map(|r| r.ok_or_else(|| Error::Protocol("a request was not answered".into())))
+        .collect()
+}
