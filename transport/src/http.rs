@@ -158,9 +158,10 @@ async fn gate(State(s): State<Srv>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     if path != "/v1/hello" {
         let write = path == "/v1/put" || path == "/v1/publish";
-        let need = if write {
+        // A push token also opens reads: a push asks what the server has.
+        let (need, also) = if write {
             match &s.tokens.push {
-                Some(t) => Some(t),
+                Some(t) => (Some(t), None),
                 None => {
                     return ApiError(
                         StatusCode::FORBIDDEN,
@@ -171,7 +172,7 @@ async fn gate(State(s): State<Srv>, req: Request, next: Next) -> Response {
                 }
             }
         } else {
-            s.tokens.read.as_ref()
+            (s.tokens.read.as_ref(), s.tokens.push.as_ref())
         };
         if let Some(t) = need {
             match bearer(req.headers()) {
@@ -182,7 +183,11 @@ async fn gate(State(s): State<Srv>, req: Request, next: Next) -> Response {
                     )
                     .into_response()
                 }
-                Some(got) if constant_time_eq::constant_time_eq(got.as_bytes(), t.as_bytes()) => {}
+                Some(got)
+                    if constant_time_eq::constant_time_eq(got.as_bytes(), t.as_bytes())
+                        | also.is_some_and(|a| {
+                            constant_time_eq::constant_time_eq(got.as_bytes(), a.as_bytes())
+                        }) => {}
                 Some(_) => {
                     return ApiError(StatusCode::FORBIDDEN, "wrong token".into()).into_response()
                 }
@@ -326,6 +331,12 @@ pub fn router(store: Arc<Store>, tokens: Tokens) -> Router {
         .route("/v1/get", post(h_get))
         .route("/v1/put", post(h_put))
         .route("/v1/publish", post(h_publish))
+        .fallback(|| async {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                "no such wharf endpoint (this server speaks /v1/...)".into(),
+            )
+        })
         .layer(axum::middleware::from_fn_with_state(s.clone(), gate))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(s)
