@@ -136,6 +136,10 @@ enum Cmd {
         /// For http:// servers: a file holding the token (else $WHARF_TOKEN).
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// NAME is a Docker image: `docker save` it into this store first (streamed, no
+        /// temporary tar), then push it. The whole path from an engine to another store.
+        #[arg(long)]
+        from_docker: bool,
     },
     /// Fetch an image from another store (see `push` for SRC), fetching only missing chunks.
     Pull {
@@ -147,6 +151,9 @@ enum Cmd {
         /// For http:// servers: a file holding the token (else $WHARF_TOKEN).
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// Then stream the image into `docker load` (verified before Docker sees its end).
+        #[arg(long)]
+        load: bool,
     },
     /// Serve this store over stdin/stdout (what `push`/`pull` run on the other side over ssh),
     /// or over HTTP with --listen.
@@ -464,29 +471,55 @@ fn run(cli: Cli) -> Result<()> {
             dest,
             as_name,
             token_file,
-        } => remote::push(
-            &open_store(&store_path)?,
-            &name,
-            &dest,
-            as_name.as_deref(),
-            token_file.as_deref(),
-            cli.json,
-            show_progress,
-        )?,
+            from_docker,
+        } => {
+            let store = open_store(&store_path)?;
+            if from_docker {
+                let rep = docker::save(&store, std::slice::from_ref(&name), &name, show_progress)?;
+                if !cli.json {
+                    eprintln!(
+                        "{name}: saved from Docker, {} in, {} new",
+                        HumanBytes(rep.len),
+                        HumanBytes(rep.new_bytes)
+                    );
+                }
+            }
+            remote::push(
+                &open_store(&store_path)?,
+                &name,
+                &dest,
+                as_name.as_deref(),
+                token_file.as_deref(),
+                cli.json,
+                show_progress,
+            )?
+        }
         Cmd::Pull {
             src,
             name,
             as_name,
             token_file,
-        } => remote::pull(
-            &open_store(&store_path)?,
-            &src,
-            &name,
-            as_name.as_deref(),
-            token_file.as_deref(),
-            cli.json,
-            show_progress,
-        )?,
+            load,
+        } => {
+            let store = open_store(&store_path)?;
+            remote::pull(
+                &store,
+                &src,
+                &name,
+                as_name.as_deref(),
+                token_file.as_deref(),
+                cli.json && !load,
+                show_progress,
+            )?;
+            if load {
+                docker::load_cmd(
+                    &store,
+                    as_name.as_deref().unwrap_or(&name),
+                    cli.json,
+                    show_progress,
+                )?;
+            }
+        }
         Cmd::Serve {
             stdio: _,
             listen: Some(addr),

@@ -1281,3 +1281,55 @@ fn load_reports_what_docker_said() {
         "{err}"
     );
 }
+
+/// The whole path from one engine to another store and back into an
+/// engine, one command each way: `push --from-docker`, then `pull --load`.
+#[test]
+fn push_from_docker_then_pull_and_load() {
+    let Some(e) = engine("push_from_docker_then_pull_and_load") else {
+        return;
+    };
+    with_fixture(&e, |fx| {
+        let d = tempfile::tempdir().unwrap();
+        let (sender, hub, receiver) = (
+            d.path().join("sender"),
+            d.path().join("hub"),
+            d.path().join("receiver"),
+        );
+        for s in [&sender, &hub, &receiver] {
+            ok("wharf init", e.wharf(s).arg("init").output().unwrap());
+        }
+        let v2 = fx.versions[1].0.as_str();
+        let before = e.inspect(v2).expect("v2 exists");
+        let t = Instant::now();
+        ok(
+            "wharf push --from-docker",
+            e.wharf(&sender)
+                .args(["push", "--from-docker", v2])
+                .arg(&hub)
+                .output()
+                .unwrap(),
+        );
+        e.rmi(v2);
+        ok(
+            "wharf pull --load",
+            e.wharf(&receiver)
+                .arg("pull")
+                .arg(&hub)
+                .args([v2, "--load"])
+                .output()
+                .unwrap(),
+        );
+        let elapsed = t.elapsed();
+        let after = e.inspect(v2).expect("pull --load named the image again");
+        assert_eq!(after.id, before.id, "image ID changed on the way");
+        assert_eq!(
+            after.layers, before.layers,
+            "layer diff IDs changed on the way"
+        );
+        say(&format!(
+            "docker: push --from-docker + pull --load of {v2} through a third store: {:.2} s",
+            elapsed.as_secs_f64()
+        ));
+    });
+}
