@@ -122,8 +122,8 @@ enum Cmd {
     /// DEST is `http://host:port` (a `wharf serve --listen` server; the token, if it needs one,
     /// comes from $WHARF_TOKEN or --token-file, never the command line),
     /// `ssh://[user@]host[:port]/path/to/store` (runs `wharf serve --stdio` there over
-    /// ssh; the remote `wharf` is $WHARF_REMOTE_BIN or `wharf` on its PATH) or a local store
-    /// directory. Layers the receiver already holds cost one hash each; the rest is asked
+    /// ssh; the remote `wharf` is $WHARF_REMOTE_BIN or `wharf` on its PATH, and $WHARF_SSH
+    /// replaces the `ssh` command, e.g. "ssh -i KEY") or a local store directory. Layers the receiver already holds cost one hash each; the rest is asked
     /// about in batches of thousands of chunk hashes. The name is published on the receiver
     /// only once every chunk is there and verified; run the same command again after an
     /// interruption and what arrived is not sent again.

@@ -22,7 +22,13 @@ fn spawn_server(dest: &str) -> Result<Child> {
             _ => (authority, None),
         };
         let remote_bin = std::env::var("WHARF_REMOTE_BIN").unwrap_or_else(|_| "wharf".into());
-        let mut c = Command::new("ssh");
+        // $WHARF_SSH replaces the ssh command, as RSYNC_RSH and BORG_RSH do:
+        // e.g. WHARF_SSH="ssh -i ~/.ssh/deploy -o StrictHostKeyChecking=accept-new".
+        let ssh = std::env::var("WHARF_SSH").unwrap_or_else(|_| "ssh".into());
+        let mut words = ssh.split_whitespace();
+        let program = words.next().unwrap_or("ssh");
+        let mut c = Command::new(program);
+        c.args(words);
         if let Some(p) = port {
             c.args(["-p", p]);
         }
