@@ -351,3 +351,49 @@ fn push_pull_and_bundle_between_stores() {
     assert!(!e.status.success());
     assert!(String::from_utf8_lossy(&e.stderr).contains("built without TLS"));
 }
+
+/// Two pushes into one store at once, of images that share most chunks:
+/// both succeed, both rebuild exactly, the store verifies.
+#[test]
+fn concurrent_pushes_of_images_sharing_chunks_both_succeed() {
+    let d = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["--json", "demo", "--keep"])
+        .arg(d.path())
+        .output()
+        .unwrap();
+    ok(out);
+    let src = d.path().join("store");
+    let dst = d.path().join("dst");
+    ok(wharf(&dst).arg("init").output().unwrap());
+    let children: Vec<_> = ["wharf-demo:v1", "wharf-demo:v2-oci"]
+        .iter()
+        .map(|name| {
+            wharf(&src)
+                .args(["push", name])
+                .arg(&dst)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        ok(c.wait_with_output().unwrap());
+    }
+    for (name, file) in [
+        ("wharf-demo:v1", "wharf-demo_v1.tar"),
+        ("wharf-demo:v2-oci", "wharf-demo_v2-oci.tar"),
+    ] {
+        let out = wharf(&dst)
+            .args(["extract", name, "-o", "-"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}");
+        assert!(
+            out.stdout == std::fs::read(d.path().join(file)).unwrap(),
+            "{name} differs"
+        );
+    }
+    ok(wharf(&dst).args(["verify", "--full"]).output().unwrap());
+}

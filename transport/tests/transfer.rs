@@ -320,3 +320,78 @@ fn zstd_frame(b: &[u8]) -> Vec<u8> {
     v.extend_from_slice(b);
     v
 }
+
+/// A byte flipped in transit inside a chunk: the receiver rejects it, the
+/// push fails saying so, and nothing is named.
+#[test]
+fn a_chunk_corrupted_in_transit_is_rejected() {
+    let d = tempfile::tempdir().unwrap();
+    let (src, dst) = (store(&d, "src"), store(&d, "dst"));
+    let v1 = image(Layout::Legacy, Version::V1);
+    add(&src, "v1", &v1);
+    let (client_end, proxy_in) = UnixStream::pair().unwrap();
+    let (proxy_out, server_end) = UnixStream::pair().unwrap();
+    let server_store = dst.clone();
+    let server = std::thread::spawn(move || {
+        let mut input = server_end.try_clone().unwrap();
+        let mut output = server_end;
+        session::serve(server_store, &mut input, &mut output, false)
+    });
+    // Server to client: copied as is.
+    let (mut back_from, mut back_to) = (
+        proxy_out.try_clone().unwrap(),
+        proxy_in.try_clone().unwrap(),
+    );
+    let back = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut back_from, &mut back_to);
+        let _ = back_to.shutdown(std::net::Shutdown::Write);
+    });
+    // Client to server: frame by frame, flipping one byte inside the first
+    // chunk's compressed bytes of the first PUT.
+    let forward = std::thread::spawn(move || {
+        let (mut from, mut to) = (proxy_in, proxy_out);
+        let mut flipped = false;
+        loop {
+            let mut head = [0u8; 5];
+            if from.read_exact(&mut head).is_err() {
+                break;
+            }
+            let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+            let mut payload = vec![0u8; len - 1];
+            if from.read_exact(&mut payload).is_err() {
+                break;
+            }
+            if head[4] == 0x17 && !flipped && payload.len() > 48 {
+                payload[45] ^= 0x10;
+                flipped = true;
+            }
+            if to
+                .write_all(&head)
+                .and_then(|_| to.write_all(&payload))
+                .is_err()
+            {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+        flipped
+    });
+    let mut client = Client::connect(client_end.try_clone().unwrap(), client_end, "push").unwrap();
+    let err = client
+        .push(&src, "v1", "v1", &|_| {})
+        .expect_err("a corrupted chunk was accepted");
+    drop(client);
+    assert!(forward.join().unwrap(), "the proxy never saw a PUT");
+    let server_err = server
+        .join()
+        .unwrap()
+        .expect_err("the server accepted a corrupted chunk");
+    back.join().unwrap();
+    let text = format!("{err} / {server_err}");
+    assert!(text.contains("received chunk"), "{text}");
+    assert!(dst.get_ref("v1").unwrap().is_none(), "a name was published");
+    assert!(wharf_format::maintenance::verify(&dst, true)
+        .unwrap()
+        .errors
+        .is_empty());
+}
