@@ -140,6 +140,9 @@ enum Cmd {
         /// temporary tar), then push it. The whole path from an engine to another store.
         #[arg(long)]
         from_docker: bool,
+        /// Negotiate and show, per layer, what would be sent; send nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Fetch an image from another store (see `push` for SRC), fetching only missing chunks.
     Pull {
@@ -193,6 +196,9 @@ enum Cmd {
         have: Vec<String>,
         #[arg(long)]
         have_file: Option<PathBuf>,
+        /// Show, per layer, what the bundle would carry; write nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Apply a bundle: store its chunks (each verified) and publish its image name.
     Unbundle { input: PathBuf },
@@ -472,8 +478,15 @@ fn run(cli: Cli) -> Result<()> {
             as_name,
             token_file,
             from_docker,
+            dry_run,
         } => {
             let store = open_store(&store_path)?;
+            if dry_run && from_docker {
+                bail!("--dry-run with --from-docker: save the image first (`wharf save`), then dry-run the push");
+            }
+            if dry_run {
+                return remote::push_dry_run(&store, &name, &dest, token_file.as_deref(), cli.json);
+            }
             if from_docker {
                 let rep = docker::save(&store, std::slice::from_ref(&name), &name, show_progress)?;
                 if !cli.json {
@@ -485,7 +498,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
             remote::push(
-                &open_store(&store_path)?,
+                &store,
                 &name,
                 &dest,
                 as_name.as_deref(),
@@ -544,6 +557,7 @@ fn run(cli: Cli) -> Result<()> {
             output,
             have,
             have_file,
+            dry_run,
         } => remote::bundle(
             &open_store(&store_path)?,
             &name,
@@ -551,6 +565,7 @@ fn run(cli: Cli) -> Result<()> {
             &have,
             have_file.as_deref(),
             cli.json,
+            dry_run,
         )?,
         Cmd::Unbundle { input } => remote::unbundle(&open_store(&store_path)?, &input, cli.json)?,
         Cmd::Have { output } => remote::have(&open_store(&store_path)?, &output, cli.json)?,

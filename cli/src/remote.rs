@@ -120,6 +120,73 @@ fn http_client(url: &str, token_file: Option<&Path>) -> Result<HttpClient> {
     HttpClient::connect(url, client_token(token_file)?).with_context(|| format!("connect to {url}"))
 }
 
+/// Prints what a push or bundle would send, per layer.
+fn print_plan(plan: &wharf_transport::walk::Plan, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(plan)?);
+        return Ok(());
+    }
+    println!(
+        "{}: would send {} of a {} image (dry run: nothing was sent)",
+        plan.name,
+        HumanBytes(plan.total_missing_bytes),
+        HumanBytes(plan.image_bytes)
+    );
+    for l in &plan.layers {
+        let what = if l.whole_layer_present {
+            "the receiver has this layer".to_string()
+        } else {
+            format!(
+                "{} of {} chunks missing, {}",
+                l.missing_chunks,
+                l.chunks,
+                HumanBytes(l.missing_bytes)
+            )
+        };
+        println!(
+            "  {:<72} {:>10}  {what}",
+            l.path,
+            HumanBytes(l.len).to_string()
+        );
+    }
+    println!(
+        "  {:<72} {:>10}  {} chunks missing, {}",
+        "(recipe, outer tar, small members)",
+        "",
+        plan.other_missing_chunks,
+        HumanBytes(plan.other_missing_bytes)
+    );
+    Ok(())
+}
+
+/// `push --dry-run`: negotiates like a push, sends no chunk.
+pub fn push_dry_run(
+    store: &Arc<Store>,
+    name: &str,
+    dest: &str,
+    token_file: Option<&Path>,
+    json: bool,
+) -> Result<()> {
+    store.require_ref(name)?;
+    let plan = if is_http(dest) {
+        http_client(dest, token_file)?.plan_push(store, name)?
+    } else {
+        let mut child = spawn_server(dest)?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            bail!("no pipes to the wharf server");
+        };
+        let res = Client::connect(
+            std::io::BufReader::new(stdout),
+            std::io::BufWriter::new(stdin),
+            "push",
+        )
+        .and_then(|mut c| c.plan_push(store, name));
+        finish_child(child, res.is_ok())?;
+        res.with_context(|| format!("dry run of push {name} to {dest}"))?
+    };
+    print_plan(&plan, json)
+}
+
 pub fn push(
     store: &Arc<Store>,
     name: &str,
@@ -274,6 +341,7 @@ pub fn bundle(
     have: &[String],
     have_file: Option<&Path>,
     json: bool,
+    dry_run: bool,
 ) -> Result<()> {
     let have_ids = match have_file {
         Some(p) => {
@@ -284,6 +352,9 @@ pub fn bundle(
         }
         None => Default::default(),
     };
+    if dry_run {
+        return print_plan(&bundle::plan_bundle(store, name, have, &have_ids)?, json);
+    }
     let dir = output
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

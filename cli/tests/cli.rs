@@ -397,3 +397,75 @@ fn concurrent_pushes_of_images_sharing_chunks_both_succeed() {
     }
     ok(wharf(&dst).args(["verify", "--full"]).output().unwrap());
 }
+
+/// `push --dry-run` and `bundle --dry-run` say per layer what would move,
+/// move nothing, and agree with what the real push then sends.
+#[test]
+fn dry_runs_predict_the_push_and_move_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["--json", "demo", "--keep"])
+        .arg(d.path())
+        .output()
+        .unwrap();
+    ok(out);
+    let src = d.path().join("store");
+    let dst = d.path().join("dst");
+    ok(wharf(&dst).arg("init").output().unwrap());
+    ok(wharf(&src)
+        .args(["push", "wharf-demo:v1"])
+        .arg(&dst)
+        .output()
+        .unwrap());
+    let plan = ok(wharf(&src)
+        .args(["--json", "push", "--dry-run", "wharf-demo:v2"])
+        .arg(&dst)
+        .output()
+        .unwrap());
+    let plan: serde_json::Value = serde_json::from_str(&plan).unwrap();
+    let layers = plan["layers"].as_array().unwrap();
+    assert!(layers.len() >= 3, "{plan}");
+    assert!(
+        layers.iter().any(|l| l["whole_layer_present"] == true),
+        "the unchanged base layer should be present whole: {plan}"
+    );
+    let names = ok(wharf(&dst).args(["--json", "ls"]).output().unwrap());
+    assert!(
+        !names.contains("wharf-demo:v2"),
+        "a dry run published the name"
+    );
+    let predicted = plan["total_missing_bytes"].as_u64().unwrap();
+    let bundle_plan = ok(wharf(&src)
+        .args([
+            "--json",
+            "bundle",
+            "--dry-run",
+            "wharf-demo:v2",
+            "--have",
+            "wharf-demo:v1",
+            "-o",
+        ])
+        .arg(d.path().join("never.wharf"))
+        .output()
+        .unwrap());
+    assert!(
+        !d.path().join("never.wharf").exists(),
+        "a dry run wrote the bundle"
+    );
+    let bundle_plan: serde_json::Value = serde_json::from_str(&bundle_plan).unwrap();
+    assert_eq!(
+        bundle_plan["total_missing_bytes"].as_u64().unwrap(),
+        predicted
+    );
+    let real = ok(wharf(&src)
+        .args(["--json", "push", "wharf-demo:v2"])
+        .arg(&dst)
+        .output()
+        .unwrap());
+    let real: serde_json::Value = serde_json::from_str(&real).unwrap();
+    assert_eq!(
+        real["payload_bytes"].as_u64().unwrap(),
+        predicted,
+        "dry run {plan} vs push {real}"
+    );
+}

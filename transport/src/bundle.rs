@@ -164,3 +164,32 @@ pub fn read_bundle(store: &Arc<Store>, input: &mut dyn Read) -> Result<Vec<Strin
     res.and(flushed)?;
     Ok(names)
 }
+
+/// What a bundle of `name` would carry, per layer, without writing it.
+pub fn plan_bundle(
+    store: &Store,
+    name: &str,
+    have_names: &[String],
+    have_ids: &HashSet<ChunkId>,
+) -> Result<crate::walk::Plan> {
+    let mut skip: HashSet<ChunkId> = HashSet::new();
+    let mut layers: HashSet<ChunkId> = HashSet::new();
+    for h in have_names {
+        let hr = store.require_ref(h)?;
+        skip.extend(walk::image_chunks(store, &hr.recipe, &HashSet::new())?);
+        let rec = wharf_format::extract::load_recipe(store, &hr.recipe)?;
+        layers.extend(rec.layers.iter().map(|l| l.node));
+    }
+    walk::plan_push(store, name, &mut |ids, whole| {
+        Ok(ids
+            .iter()
+            .map(|i| {
+                if whole {
+                    layers.contains(i)
+                } else {
+                    skip.contains(i) || have_ids.contains(i)
+                }
+            })
+            .collect())
+    })
+}

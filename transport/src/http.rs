@@ -517,6 +517,11 @@ impl HttpClient {
         Ok(maps.into_iter().flatten().collect())
     }
 
+    /// What pushing `name` would send, per layer, without sending it.
+    pub fn plan_push(&self, store: &Store, name: &str) -> Result<crate::walk::Plan> {
+        crate::walk::plan_push(store, name, &mut |ids, layers| self.ask_has(ids, layers))
+    }
+
     /// Sends image `name` from `store` and publishes it on the server as `as_name`.
     pub fn push(
         &self,

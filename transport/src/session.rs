@@ -385,6 +385,13 @@ impl<R: Read, W: Write> Client<R, W> {
         Ok(out)
     }
 
+    /// What pushing `name` would send, per layer, without sending it.
+    pub fn plan_push(&mut self, store: &Store, name: &str) -> Result<walk::Plan> {
+        let plan = walk::plan_push(store, name, &mut |ids, layers| self.ask_has(ids, layers))?;
+        self.send(Kind::Bye, &[])?;
+        Ok(plan)
+    }
+
     /// Sends image `name` from `store` and publishes it on the server as `as_name`.
     pub fn push(
         &mut self,

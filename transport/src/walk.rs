@@ -141,3 +141,109 @@ fn missing_in_stream(store: &Store, s: &StreamRef, out: &mut Vec<ChunkId>) -> Re
     }
     Ok(())
 }
+
+/// What a push would send, per layer: the answer to `--dry-run`.
+#[derive(serde::Serialize, Debug, Default, Clone)]
+pub struct LayerPlan {
+    pub path: String,
+    pub len: u64,
+    /// The receiver holds this layer in a published image: nothing to send.
+    pub whole_layer_present: bool,
+    pub chunks: u64,
+    pub missing_chunks: u64,
+    /// Compressed bytes of the missing chunks: what would cross the wire.
+    pub missing_bytes: u64,
+}
+
+#[derive(serde::Serialize, Debug, Default, Clone)]
+pub struct Plan {
+    pub name: String,
+    pub image_bytes: u64,
+    pub layers: Vec<LayerPlan>,
+    /// Everything outside the layers: the recipe, the outer tar's nodes,
+    /// skeleton and small members.
+    pub other_missing_chunks: u64,
+    pub other_missing_bytes: u64,
+    pub total_missing_bytes: u64,
+}
+
+/// Computes what pushing `name` would send, asking `has(ids, layers)` which
+/// ids the receiver holds (`layers`: as complete layers). Chunks shared by
+/// several layers count in the first.
+pub fn plan_push(
+    store: &Store,
+    name: &str,
+    has: &mut dyn FnMut(&[ChunkId], bool) -> Result<Vec<bool>>,
+) -> Result<Plan> {
+    let r = store.require_ref(name)?;
+    let rec = load_recipe(store, &r.recipe)?;
+    let layer_ids: Vec<ChunkId> = rec.layers.iter().map(|l| l.node).collect();
+    let present = has(&layer_ids, true)?;
+    let all_layers: HashSet<ChunkId> = layer_ids.iter().copied().collect();
+    let stored = |id: &ChunkId| store.lookup(id).map(|l| l.stored_len as u64).unwrap_or(0);
+    let mut seen: HashSet<ChunkId> = HashSet::new();
+    let mut plan = Plan {
+        name: name.to_string(),
+        image_bytes: r.len,
+        ..Default::default()
+    };
+    for (l, whole) in rec.layers.iter().zip(present) {
+        let mut lp = LayerPlan {
+            path: l.path.clone(),
+            len: l.len,
+            whole_layer_present: whole,
+            ..Default::default()
+        };
+        if !whole {
+            let mut ids = layer_chunks(store, &l.node)?;
+            ids.retain(|id| seen.insert(*id));
+            lp.chunks = ids.len() as u64;
+            for (id, h) in ids.iter().zip(has(&ids, false)?) {
+                if !h {
+                    lp.missing_chunks += 1;
+                    lp.missing_bytes += stored(id);
+                }
+            }
+        }
+        plan.total_missing_bytes += lp.missing_bytes;
+        plan.layers.push(lp);
+    }
+    let mut rest = image_chunks(store, &r.recipe, &all_layers)?;
+    rest.retain(|id| seen.insert(*id));
+    for (id, h) in rest.iter().zip(has(&rest, false)?) {
+        if !h {
+            plan.other_missing_chunks += 1;
+            plan.other_missing_bytes += stored(id);
+        }
+    }
+    plan.total_missing_bytes += plan.other_missing_bytes;
+    Ok(plan)
+}
+
+/// Every chunk below one node (itself included).
+fn layer_chunks(store: &Store, node: &ChunkId) -> Result<Vec<ChunkId>> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    let mut nodes = vec![*node];
+    while let Some(n) = nodes.pop() {
+        if !seen.insert(n) {
+            continue;
+        }
+        out.push(n);
+        let node = Node::decode(&store.read_chunk(&n)?, &n)?;
+        if let Some(b) = node.blocks {
+            out.push(b);
+        }
+        let (children, streams) = node_parts(&node);
+        nodes.extend(children);
+        for s in streams {
+            let ids = std::cell::RefCell::new(Vec::new());
+            ListReader::new(&s, |c| store.read_chunk(c)).walk(
+                |p| ids.borrow_mut().push(*p),
+                |e| ids.borrow_mut().push(e.0),
+            )?;
+            out.extend(ids.into_inner());
+        }
+    }
+    Ok(out)
+}
