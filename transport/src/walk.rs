@@ -167,14 +167,14 @@ pub struct Plan {
     pub total_missing_bytes: u64,
 }
 
+/// Answers which of some ids the receiver holds; with `true`, as complete
+/// layers of published images.
+pub type HasOracle<'a> = dyn FnMut(&[ChunkId], bool) -> Result<Vec<bool>> + 'a;
+
 /// Computes what pushing `name` would send, asking `has(ids, layers)` which
 /// ids the receiver holds (`layers`: as complete layers). Chunks shared by
 /// several layers count in the first.
-pub fn plan_push(
-    store: &Store,
-    name: &str,
-    has: &mut dyn FnMut(&[ChunkId], bool) -> Result<Vec<bool>>,
-) -> Result<Plan> {
+pub fn plan_push(store: &Store, name: &str, has: &mut HasOracle<'_>) -> Result<Plan> {
     let r = store.require_ref(name)?;
     let rec = load_recipe(store, &r.recipe)?;
     let layer_ids: Vec<ChunkId> = rec.layers.iter().map(|l| l.node).collect();
