@@ -157,6 +157,14 @@ enum Cmd {
         /// Then stream the image into `docker load` (verified before Docker sees its end).
         #[arg(long)]
         load: bool,
+        /// Tar files this machine already has (last version's tar, a `docker save` of what its
+        /// Docker holds): chunked locally first, so only chunks found in no seed are fetched.
+        #[arg(long)]
+        seed: Vec<PathBuf>,
+        /// Also write the image tar here (verified; `-` for stdout). With no store at --store,
+        /// a temporary one is used and removed: seeds + pull + this file, no store left behind.
+        #[arg(long, short)]
+        output: Option<String>,
     },
     /// Serve this store over stdin/stdout (what `push`/`pull` run on the other side over ssh),
     /// or over HTTP with --listen.
@@ -513,9 +521,22 @@ fn run(cli: Cli) -> Result<()> {
             as_name,
             token_file,
             load,
+            seed,
+            output,
         } => {
-            let store = open_store(&store_path)?;
-            remote::pull(
+            // Without a store, a pull that writes a file works in a scratch one.
+            let scratch;
+            let store = if output.is_some() && !store_path.join("config.json").exists() {
+                scratch = tempfile::tempdir()?;
+                Arc::new(Store::init(
+                    &scratch.path().join("store"),
+                    StoreConfig::default(),
+                )?)
+            } else {
+                open_store(&store_path)?
+            };
+            let seeds = remote::add_seeds(&store, &seed, cli.json)?;
+            let pulled = remote::pull(
                 &store,
                 &src,
                 &name,
@@ -523,7 +544,22 @@ fn run(cli: Cli) -> Result<()> {
                 token_file.as_deref(),
                 cli.json && !load,
                 show_progress,
-            )?;
+            );
+            remote::drop_seeds(&store, &seeds)?;
+            pulled?;
+            let local = as_name.as_deref().unwrap_or(&name);
+            match output.as_deref() {
+                Some("-") => {
+                    let mut w = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout());
+                    extract::extract(&store, local, &mut w, None).context(
+                        "the tar written to stdout is incomplete or unverified; discard it",
+                    )?;
+                }
+                Some(path) => {
+                    extract::extract_to_file(&store, local, &PathBuf::from(path), None)?;
+                }
+                None => {}
+            }
             if load {
                 docker::load_cmd(
                     &store,

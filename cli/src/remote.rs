@@ -286,6 +286,40 @@ pub fn pull(
     report(&rep, "fetched", json)
 }
 
+/// Adds seed tars to the store under temporary names, so their chunks count
+/// as present during a pull. Returns the names, for `drop_seeds`.
+pub fn add_seeds(
+    store: &Arc<Store>,
+    seeds: &[std::path::PathBuf],
+    json: bool,
+) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for (i, s) in seeds.iter().enumerate() {
+        let name = format!(".seed-{}-{i}", std::process::id());
+        let mut f = std::fs::File::open(s).with_context(|| format!("open seed {}", s.display()))?;
+        let rep = wharf_format::ingest::add(store, &mut f, &name, &Default::default())
+            .with_context(|| format!("chunk seed {}", s.display()))?;
+        if !json {
+            eprintln!(
+                "seed {}: {} chunked locally",
+                s.display(),
+                HumanBytes(rep.len)
+            );
+        }
+        names.push(name);
+    }
+    Ok(names)
+}
+
+/// Removes the temporary seed names; their chunks stay until `wharf gc`
+/// (those the pulled image uses are referenced by it from now on).
+pub fn drop_seeds(store: &Arc<Store>, names: &[String]) -> Result<()> {
+    for n in names {
+        store.remove_ref(n)?;
+    }
+    Ok(())
+}
+
 pub fn serve_stdio(store: &Arc<Store>, read_only: bool) -> Result<()> {
     let stdin = std::io::stdin();
     let stdout = std::io::stdout();

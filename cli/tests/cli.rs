@@ -469,3 +469,55 @@ fn dry_runs_predict_the_push_and_move_nothing() {
         "dry run {plan} vs push {real}"
     );
 }
+
+/// No store on the receiver, only last version's tar: used as a seed, the
+/// pull fetches about what a store holding v1 would, and leaves no store.
+#[test]
+fn pull_with_a_seed_tar_and_no_store() {
+    let d = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["--json", "demo", "--keep"])
+        .arg(d.path())
+        .output()
+        .unwrap();
+    ok(out);
+    let src = d.path().join("store");
+    let nowhere = d.path().join("no-store-here");
+    let out_tar = d.path().join("v2.pulled.tar");
+    let seeded = ok(wharf(&nowhere)
+        .args(["--json", "pull"])
+        .arg(&src)
+        .args(["wharf-demo:v2", "--seed"])
+        .arg(d.path().join("wharf-demo_v1.tar"))
+        .arg("-o")
+        .arg(&out_tar)
+        .output()
+        .unwrap());
+    assert!(
+        std::fs::read(&out_tar).unwrap()
+            == std::fs::read(d.path().join("wharf-demo_v2.tar")).unwrap()
+    );
+    assert!(
+        !nowhere.exists(),
+        "a seeded pull to a file left a store behind"
+    );
+    let unseeded_tar = d.path().join("v2.unseeded.tar");
+    let unseeded = ok(wharf(&nowhere)
+        .args(["--json", "pull"])
+        .arg(&src)
+        .arg("wharf-demo:v2")
+        .arg("-o")
+        .arg(&unseeded_tar)
+        .output()
+        .unwrap());
+    let with: serde_json::Value = serde_json::from_str(&seeded).unwrap();
+    let without: serde_json::Value = serde_json::from_str(&unseeded).unwrap();
+    let (a, b) = (
+        with["wire_bytes_in"].as_u64().unwrap(),
+        without["wire_bytes_in"].as_u64().unwrap(),
+    );
+    assert!(
+        a * 4 < b,
+        "the seed saved too little: {a} with, {b} without"
+    );
+}
