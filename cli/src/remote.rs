@@ -76,15 +76,41 @@ fn report(rep: &TransferReport, verb: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn progress_printer(show: bool, verb: &'static str) -> impl Fn(&TransferReport) {
-    move |r: &TransferReport| {
-        if show {
-            eprint!(
-                "\r{verb}: {} chunks, {} payload, {} skipped    ",
+/// A spinner on stderr while a transfer runs (only on a terminal): chunks
+/// and payload moved, chunks skipped, rate. Cleared when dropped.
+struct TransferBar(Option<indicatif::ProgressBar>);
+
+impl TransferBar {
+    fn new(show: bool, verb: &'static str) -> Self {
+        TransferBar(show.then(|| {
+            let pb = indicatif::ProgressBar::new_spinner().with_style(
+                indicatif::ProgressStyle::with_template("{spinner} {prefix}: {msg} ({elapsed})")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            pb.set_prefix(verb);
+            pb.enable_steady_tick(std::time::Duration::from_millis(120));
+            pb
+        }))
+    }
+
+    fn update(&self, r: &TransferReport) {
+        if let Some(pb) = &self.0 {
+            let secs = pb.elapsed().as_secs_f64().max(0.001);
+            pb.set_message(format!(
+                "{} chunks, {} moved, {} skipped, {}/s",
                 r.chunks_sent,
                 HumanBytes(r.payload_bytes),
-                r.chunks_skipped
-            );
+                r.chunks_skipped,
+                HumanBytes((r.payload_bytes as f64 / secs) as u64)
+            ));
+        }
+    }
+}
+
+impl Drop for TransferBar {
+    fn drop(&mut self) {
+        if let Some(pb) = &self.0 {
+            pb.finish_and_clear();
         }
     }
 }
@@ -197,6 +223,7 @@ pub fn push(
     show: bool,
 ) -> Result<()> {
     store.require_ref(name)?;
+    let bar = TransferBar::new(show, "pushing");
     if is_http(dest) {
         let c = http_client(dest, token_file)?;
         if c.server.read_only {
@@ -206,11 +233,8 @@ pub fn push(
             store,
             name,
             as_name.unwrap_or(name),
-            &progress_printer(show, "pushing"),
+            &|r: &TransferReport| bar.update(r),
         );
-        if show {
-            eprintln!();
-        }
         let rep = res.with_context(|| format!("push {name} to {dest}"))?;
         return report(&rep, "sent", json);
     }
@@ -228,12 +252,9 @@ pub fn push(
             store,
             name,
             as_name.unwrap_or(name),
-            &progress_printer(show, "pushing"),
+            &|r: &TransferReport| bar.update(r),
         )
     });
-    if show {
-        eprintln!();
-    }
     finish_child(child, res.is_ok())?;
     let rep = res.with_context(|| format!("push {name} to {dest}"))?;
     report(&rep, "sent", json)
@@ -248,16 +269,14 @@ pub fn pull(
     json: bool,
     show: bool,
 ) -> Result<()> {
+    let bar = TransferBar::new(show, "pulling");
     if is_http(src) {
         let res = http_client(src, token_file)?.pull(
             store,
             name,
             as_name.unwrap_or(name),
-            &progress_printer(show, "pulling"),
+            &|r: &TransferReport| bar.update(r),
         );
-        if show {
-            eprintln!();
-        }
         let rep = res.with_context(|| format!("pull {name} from {src}"))?;
         return report(&rep, "fetched", json);
     }
@@ -275,12 +294,9 @@ pub fn pull(
             store,
             name,
             as_name.unwrap_or(name),
-            &progress_printer(show, "pulling"),
+            &|r: &TransferReport| bar.update(r),
         )
     });
-    if show {
-        eprintln!();
-    }
     finish_child(child, res.is_ok())?;
     let rep = res.with_context(|| format!("pull {name} from {src}"))?;
     report(&rep, "fetched", json)
