@@ -17,6 +17,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 pub const STORE_VERSION: u64 = 1;
+/// No chunk, node, list piece or block map wharf writes is larger; a
+/// received one that claims to be is refused (spec/FORMAT.md).
+pub const MAX_CHUNK_LEN: usize = 16 << 20;
 const CONFIG_FILE: &str = "config.json";
 const LOCK_FILE: &str = "lock";
 /// Index files are merged into one when a store has more than this many, so
@@ -513,19 +516,31 @@ impl ChunkWriter {
     /// checking that it decompresses to bytes with the given id. Returns
     /// false when the chunk was already present.
     pub fn put_stored(&self, id: ChunkId, raw_len: u32, stored: Vec<u8>) -> Result<bool> {
-        let raw = decompress(&stored, raw_len as usize)
-            .map_err(|e| Error::Corrupt(format!("received chunk {id}: cannot decompress: {e}")))?;
-        if raw.len() != raw_len as usize || ChunkId::of(&raw) != id {
-            return Err(Error::Corrupt(format!(
-                "received chunk {id}: content does not match its hash"
-            )));
-        }
         self.stats.chunks_in.fetch_add(1, Ordering::Relaxed);
         self.stats
             .bytes_in
             .fetch_add(raw_len as u64, Ordering::Relaxed);
-        if self.store.contains(&id) {
+        // A chunk already here is dropped unread: a sender cannot make the
+        // receiver spend work on bytes it will not keep.
+        if self.has(&id) {
             return Ok(false);
+        }
+        let bad = |why: &str| Error::Verify(format!("received chunk {id}: {why}"));
+        if raw_len as usize > MAX_CHUNK_LEN {
+            return Err(bad("larger than any chunk wharf writes"));
+        }
+        // Exactly one zstd frame, no bigger than zstd's worst case for the
+        // length: no padding or extra frames can ride along into a pack.
+        let frame_len = zstd::zstd_safe::find_frame_compressed_size(&stored).ok();
+        if frame_len != Some(stored.len())
+            || stored.len() > zstd::zstd_safe::compress_bound(raw_len as usize)
+        {
+            return Err(bad("not a single zstd frame of the expected size"));
+        }
+        let raw = decompress(&stored, raw_len as usize)
+            .map_err(|e| bad(&format!("cannot decompress: {e}")))?;
+        if raw.len() != raw_len as usize || ChunkId::of(&raw) != id {
+            return Err(bad("content does not match its hash"));
         }
         {
             let mut p = self

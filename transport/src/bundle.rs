@@ -39,16 +39,20 @@ pub fn read_have(input: &mut dyn Read) -> Result<HashSet<ChunkId>> {
         return Err(Error::Protocol("not a wharf have file (bad magic)".into()));
     }
     let mut out = HashSet::new();
-    let mut id = [0u8; 32];
-    loop {
-        match input.read_exact(&mut id) {
-            Ok(()) => {
-                out.insert(ChunkId(id));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(out),
-            Err(e) => return Err(Error::Io(e)),
-        }
+    let mut rest = Vec::new();
+    input.read_to_end(&mut rest).map_err(Error::Io)?;
+    if !rest.len().is_multiple_of(32) {
+        return Err(Error::Protocol(format!(
+            "have file is truncated: {} bytes after the header is not a whole number of 32-byte ids",
+            rest.len()
+        )));
     }
+    out.extend(rest.chunks_exact(32).map(|c| {
+        let mut id = [0u8; 32];
+        id.copy_from_slice(c);
+        ChunkId(id)
+    }));
+    Ok(out)
 }
 
 /// Writes a bundle of image `name` without the chunks of the images in

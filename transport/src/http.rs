@@ -272,7 +272,9 @@ async fn h_put(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiError> 
     blocking(&s, move |store| {
         let bad = |e: Error| match e {
             // A chunk that does not decompress to its hash is the client's fault.
-            Error::Store(wharf_format::Error::Corrupt(m)) => ApiError(StatusCode::BAD_REQUEST, m),
+            Error::Store(e @ wharf_format::Error::Verify(_)) => {
+                ApiError(StatusCode::BAD_REQUEST, e.to_string())
+            }
             e => api(e),
         };
         // Decoding checks every entry's framing before anything is stored.

@@ -16,7 +16,10 @@ use wharf_format::{ChunkId, Store};
 
 /// Ids per HAS or GET request, and requests kept in flight.
 pub const BATCH_IDS: usize = 4096;
-pub const GET_BATCH: usize = 256;
+pub const GET_BATCH: usize = 1024;
+/// A pull walks the image's tree one level per round; real trees are a
+/// handful of levels deep.
+pub const MAX_PULL_ROUNDS: usize = 32;
 pub const IN_FLIGHT: usize = 4;
 /// Bytes of chunks per PUT or CHUNKS frame.
 pub const FRAME_BYTES: usize = 8 << 20;
@@ -180,12 +183,20 @@ impl Receiver {
                 missing[0]
             )));
         }
+        // The length a name records is the recipe's, not the sender's word.
+        let recipe = wharf_format::extract::load_recipe(&self.store, &msg.recipe)?;
+        if recipe.len != msg.len {
+            return Err(Error::Protocol(format!(
+                "cannot publish {:?}: PUBLISH says {} bytes, its recipe {}",
+                msg.name, msg.len, recipe.len
+            )));
+        }
         self.store.set_ref(
             &msg.name,
             &RefValue {
                 recipe: msg.recipe,
                 added: wharf_format::ingest::now_secs(),
-                len: msg.len,
+                len: recipe.len,
             },
         )?;
         Ok(())
@@ -230,7 +241,14 @@ pub fn serve(
     read_only: bool,
 ) -> Result<()> {
     let _lock = store.lock(false)?;
-    let first = expect(input, Kind::Hello)?;
+    let first = match expect(input, Kind::Hello) {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = write_frame(output, Kind::Error, e.to_string().as_bytes());
+            let _ = output.flush();
+            return Err(e);
+        }
+    };
     if let Err(e) = check_hello(&first) {
         let _ = write_frame(output, Kind::Error, e.to_string().as_bytes());
         let _ = output.flush();
@@ -400,6 +418,12 @@ impl<R: Read, W: Write> Client<R, W> {
         as_name: &str,
         progress: &dyn Fn(&TransferReport),
     ) -> Result<TransferReport> {
+        if self.server.read_only {
+            let _ = self.send(Kind::Bye, &[]);
+            return Err(Error::Remote(
+                "this server is read-only: it accepts pulls, not pushes".into(),
+            ));
+        }
         let started = std::time::Instant::now();
         let r = store.require_ref(name)?;
         let recipe = wharf_format::extract::load_recipe(store, &r.recipe)?;
@@ -476,33 +500,45 @@ impl<R: Read, W: Write> Client<R, W> {
         let mut receiver = Receiver::new(store.clone());
         // Walk down the tree: whatever is missing is fetched (objects needed
         // to walk further first), until nothing is missing.
+        let mut rounds = 0usize;
         loop {
             receiver.flush()?;
             let missing = walk::missing(store, &r.recipe)?;
             if missing.is_empty() {
                 break;
             }
+            rounds += 1;
+            if rounds > MAX_PULL_ROUNDS {
+                return Err(Error::Protocol(format!(
+                    "{name}: the image's tree is deeper than {MAX_PULL_ROUNDS} levels; refusing to go on"
+                )));
+            }
             rep.chunks_total += missing.len() as u64;
-            for batch in missing.chunks(GET_BATCH * IN_FLIGHT) {
-                let mut waiting: VecDeque<usize> = VecDeque::new();
-                for b in batch.chunks(GET_BATCH) {
-                    self.send(Kind::Get, &encode_ids(b))?;
-                    waiting.push_back(b.len());
-                }
-                while let Some(mut n) = waiting.pop_front() {
-                    while n > 0 {
-                        let payload = expect(&mut self.input, Kind::Chunks)?;
-                        let count = decode_chunks(&payload)?.len();
-                        if count == 0 || count > n {
-                            return Err(Error::Protocol(
-                                "CHUNKS reply does not match the request".into(),
-                            ));
-                        }
-                        rep.payload_bytes += payload.len() as u64;
-                        receiver.put(&payload)?;
-                        rep.chunks_sent += count as u64;
-                        n -= count;
+            // One GET at a time: its reply can be megabytes, and a client
+            // still writing requests while the server writes a reply could
+            // block both on small pipes. Batches are large instead.
+            for batch in missing.chunks(GET_BATCH) {
+                self.send(Kind::Get, &encode_ids(batch))?;
+                let mut want = batch.iter();
+                let mut left = batch.len();
+                while left > 0 {
+                    let payload = expect(&mut self.input, Kind::Chunks)?;
+                    let chunks = decode_chunks(&payload)?;
+                    if chunks.is_empty() || chunks.len() > left {
+                        return Err(Error::Protocol(
+                            "CHUNKS reply does not match the request".into(),
+                        ));
                     }
+                    // A server may only answer with what was asked, in order.
+                    if !chunks.iter().all(|c| want.next() == Some(&c.id)) {
+                        return Err(Error::Protocol(
+                            "CHUNKS reply carries chunks that were not asked for".into(),
+                        ));
+                    }
+                    rep.payload_bytes += payload.len() as u64;
+                    receiver.put(&payload)?;
+                    rep.chunks_sent += chunks.len() as u64;
+                    left -= chunks.len();
                 }
                 rep.wire_bytes_in = self.input.count;
                 progress(&rep);

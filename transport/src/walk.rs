@@ -66,11 +66,22 @@ fn node_parts(node: &Node) -> (Vec<ChunkId>, Vec<StreamRef>) {
 /// name is only set once everything below it is present.
 pub fn complete_layers(store: &Store) -> Result<HashSet<ChunkId>> {
     let mut out = HashSet::new();
+    // From the tree PUBLISH checked (the root's children), not from the
+    // recipe's `layers` list, which nothing ties to the tree for a recipe
+    // that arrived from elsewhere.
     for (_, r) in store.list_refs()? {
-        if let Ok(rec) = load_recipe(store, &r.recipe) {
-            out.extend(rec.layers.iter().map(|l| l.node));
-            out.insert(rec.root);
-        }
+        let Ok(rec) = load_recipe(store, &r.recipe) else {
+            continue;
+        };
+        let Ok(root) = store
+            .read_chunk(&rec.root)
+            .and_then(|b| Node::decode(&b, &rec.root))
+        else {
+            continue;
+        };
+        out.insert(rec.root);
+        let (children, _) = node_parts(&root);
+        out.extend(children);
     }
     Ok(out)
 }
@@ -118,8 +129,12 @@ fn missing_with_repeats(store: &Store, recipe: &ChunkId) -> Result<Vec<ChunkId>>
 
 fn missing_in_stream(store: &Store, s: &StreamRef, out: &mut Vec<ChunkId>) -> Result<()> {
     // Walk level by level so a missing piece is reported instead of failing.
+    // Each level keeps every id once: a hostile tree that repeats one piece
+    // thousands of times at every level costs one visit, not their product.
     let mut level: Vec<ChunkId> = s.entries.iter().map(|e| e.0).collect();
     for depth in (0..=s.level).rev() {
+        let mut seen = HashSet::new();
+        level.retain(|id| seen.insert(*id));
         if depth == 0 {
             out.extend(level.iter().filter(|id| !store.contains(id)).copied());
             break;

@@ -395,3 +395,200 @@ fn a_chunk_corrupted_in_transit_is_rejected() {
         .errors
         .is_empty());
 }
+
+fn put_entry(raw: &[u8], stored: &[u8]) -> Vec<u8> {
+    let mut e = blake3::hash(raw).as_bytes().to_vec();
+    e.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+    e.extend_from_slice(&(stored.len() as u32).to_le_bytes());
+    e.extend_from_slice(stored);
+    e
+}
+
+/// Runs one raw client byte stream against a server; returns the server's result.
+fn serve_raw(dst: &Arc<Store>, bytes: Vec<u8>) -> (Result<(), wharf_transport::Error>, Vec<u8>) {
+    let (a, b) = UnixStream::pair().unwrap();
+    let s = dst.clone();
+    let server = std::thread::spawn(move || {
+        let mut input = b.try_clone().unwrap();
+        let mut output = b;
+        session::serve(s, &mut input, &mut output, false)
+    });
+    let mut w = a.try_clone().unwrap();
+    w.write_all(&bytes).unwrap();
+    w.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = Vec::new();
+    let mut r = a;
+    let _ = r.read_to_end(&mut reply);
+    (server.join().unwrap(), reply)
+}
+
+const HELLO: &[u8] = br#"{"protocol":1,"software":"test","role":"push"}"#;
+
+/// A chunk padded with a skippable zstd frame (or carrying two frames)
+/// would let a tiny push fill the receiver's disk: refused.
+#[test]
+fn padded_or_multi_frame_chunks_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let dst = store(&d, "dst");
+    let raw = b"some chunk content".repeat(10);
+    let good = zstd::bulk::compress(&raw, 3).unwrap();
+    let mut padded = good.clone();
+    // A skippable frame: magic 0x184D2A50, 4-byte length, payload.
+    padded.extend_from_slice(&0x184D2A50u32.to_le_bytes());
+    padded.extend_from_slice(&(1u32 << 20).to_le_bytes());
+    padded.extend_from_slice(&vec![0u8; 1 << 20]);
+    let half = raw.len() / 2;
+    let mut two = zstd::bulk::compress(&raw[..half], 3).unwrap();
+    two.extend_from_slice(&zstd::bulk::compress(&raw[half..], 3).unwrap());
+    for (what, stored) in [("padded", padded), ("two frames", two)] {
+        let bytes = [
+            raw_frame(0x01, HELLO),
+            raw_frame(0x17, &put_entry(&raw, &stored)),
+        ]
+        .concat();
+        let (res, _) = serve_raw(&dst, bytes);
+        let err = res.expect_err(what).to_string();
+        assert!(err.contains("single zstd frame"), "{what}: {err}");
+    }
+    let packs: u64 = walkdir(dst.root())
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(
+        packs < 100_000,
+        "{packs} bytes of packs after refused chunks"
+    );
+    // The well-formed chunk is accepted.
+    let bytes = [
+        raw_frame(0x01, HELLO),
+        raw_frame(0x17, &put_entry(&raw, &good)),
+        raw_frame(0x19, b""),
+    ]
+    .concat();
+    serve_raw(&dst, bytes).0.unwrap();
+}
+
+fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walkdir(&p));
+        } else if p.extension().is_some_and(|x| x == "pack") {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// A recipe whose list repeats one piece 2048 times at each of three levels
+/// names 8.6 billion chunks; checking it for PUBLISH must stay cheap.
+#[test]
+fn a_list_bomb_is_checked_in_moments() {
+    let d = tempfile::tempdir().unwrap();
+    let dst = store(&d, "dst");
+    let data = b"x".to_vec();
+    let mut chunks: Vec<Vec<u8>> = vec![data.clone()];
+    let mut below = blake3::hash(&data);
+    let mut below_len = data.len() as u32;
+    for _ in 0..3 {
+        let mut piece = Vec::new();
+        for _ in 0..2048 {
+            piece.extend_from_slice(below.as_bytes());
+            piece.extend_from_slice(&below_len.to_le_bytes());
+        }
+        below = blake3::hash(&piece);
+        below_len = piece.len() as u32;
+        chunks.push(piece);
+    }
+    let node = format!(
+        r#"{{"wharf_node":1,"len":8589934592,"sha256":"{}","kind":"raw","data":{{"len":8589934592,"level":3,"entries":[["{}",{}]]}}}}"#,
+        "00".repeat(32),
+        below.to_hex(),
+        below_len
+    );
+    let node_id = blake3::hash(node.as_bytes());
+    chunks.push(node.into_bytes());
+    let recipe = format!(
+        r#"{{"wharf_recipe":1,"len":8589934592,"sha256":"{}","blake3":"{}","root":"{}","layers":[],"created":0}}"#,
+        "00".repeat(32),
+        "00".repeat(32),
+        node_id.to_hex()
+    );
+    let recipe_id = blake3::hash(recipe.as_bytes());
+    chunks.push(recipe.into_bytes());
+    let mut put = Vec::new();
+    for c in &chunks {
+        put.extend(put_entry(c, &zstd::bulk::compress(c, 3).unwrap()));
+    }
+    let publish = format!(
+        r#"{{"name":"bomb","recipe":"{}","len":8589934592}}"#,
+        recipe_id.to_hex()
+    );
+    let bytes = [
+        raw_frame(0x01, HELLO),
+        raw_frame(0x17, &put),
+        raw_frame(0x18, publish.as_bytes()),
+        raw_frame(0x19, b""),
+    ]
+    .concat();
+    let t = std::time::Instant::now();
+    let (res, _) = serve_raw(&dst, bytes);
+    res.unwrap();
+    assert!(
+        t.elapsed().as_secs() < 10,
+        "checking the bomb took {:?}",
+        t.elapsed()
+    );
+}
+
+/// A server answering a GET with chunks that were not asked for is cut off:
+/// a hostile server cannot make a pull run on and fill the disk.
+#[test]
+fn pull_refuses_chunks_it_did_not_ask_for() {
+    let d = tempfile::tempdir().unwrap();
+    let local = store(&d, "local");
+    let (a, b) = UnixStream::pair().unwrap();
+    let evil = std::thread::spawn(move || {
+        let (mut r, mut w) = (b.try_clone().unwrap(), b);
+        let mut frames = 0;
+        loop {
+            let mut head = [0u8; 5];
+            if r.read_exact(&mut head).is_err() {
+                return frames;
+            }
+            let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+            let mut payload = vec![0u8; len - 1];
+            if r.read_exact(&mut payload).is_err() {
+                return frames;
+            }
+            frames += 1;
+            let reply = match head[4] {
+                0x01 => raw_frame(0x01, br#"{"protocol":1,"software":"evil","role":"server"}"#),
+                0x12 => raw_frame(
+                    0x13,
+                    format!(r#"{{"recipe":"{}","added":0,"len":1}}"#, "ab".repeat(32)).as_bytes(),
+                ),
+                0x14 => {
+                    let fresh = format!("fresh chunk {frames}").into_bytes();
+                    raw_frame(
+                        0x15,
+                        &put_entry(&fresh, &zstd::bulk::compress(&fresh, 3).unwrap()),
+                    )
+                }
+                _ => return frames,
+            };
+            if w.write_all(&reply).is_err() {
+                return frames;
+            }
+        }
+    });
+    let mut client = Client::connect(a.try_clone().unwrap(), a, "pull").unwrap();
+    let err = client
+        .pull(&local, "x", "x", &|_| {})
+        .expect_err("pulled from a lying server");
+    drop(client);
+    assert!(evil.join().unwrap() < 10, "the client kept asking");
+    assert!(err.to_string().contains("not asked for"), "{err}");
+    assert!(local.get_ref("x").unwrap().is_none());
+}
