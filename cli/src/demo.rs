@@ -53,7 +53,7 @@ pub fn run(keep: Option<PathBuf>, json: bool) -> Result<()> {
     };
     let say = |s: String| {
         if !json {
-            println!("{s}");
+            out!("{s}");
         }
     };
     let v1 = dir.join("wharf-demo_v1.tar");
@@ -119,7 +119,7 @@ pub fn run(keep: Option<PathBuf>, json: bool) -> Result<()> {
         }
     ));
     if json {
-        println!(
+        out!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "dir": dir,

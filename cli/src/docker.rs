@@ -102,7 +102,7 @@ pub fn save_cmd(
             }
             out.push(v);
         } else {
-            println!(
+            out!(
                 "{}: saved {} from Docker, {} in, {} new, {} on disk, {:.1} s",
                 rep.name,
                 set.join(" "),
@@ -115,7 +115,7 @@ pub fn save_cmd(
         done.push(name);
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        out!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(())
 }
@@ -186,7 +186,7 @@ pub fn save(
 pub fn load_cmd(store: &Arc<Store>, name: &str, json: bool, show_progress: bool) -> Result<()> {
     let rep = load(store, name, show_progress)?;
     if json {
-        println!(
+        out!(
             "{}",
             serde_json::json!({
                 "name": name,
@@ -198,7 +198,7 @@ pub fn load_cmd(store: &Arc<Store>, name: &str, json: bool, show_progress: bool)
         );
     } else {
         for l in &rep.docker_stdout {
-            println!("{l}");
+            out!("{l}");
         }
         eprintln!(
             "{name}: {} verified (sha256:{}) and loaded into Docker in {:.1} s",

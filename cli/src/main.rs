@@ -1,5 +1,17 @@
 //! The `wharf` command line: a thin layer over `wharf-format`.
 
+/// `println!` that ends the program quietly when stdout is a closed pipe
+/// (`wharf ls | head`) instead of panicking, while other pipes (to ssh, to
+/// docker) keep reporting EPIPE as an error.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout(), $($arg)*).is_err() {
+            std::process::exit(141);
+        }
+    }};
+}
+
 mod demo;
 mod docker;
 mod progress;
@@ -267,9 +279,9 @@ fn run(cli: Cli) -> Result<()> {
             };
             Store::init(&store_path, config)?;
             if cli.json {
-                println!("{}", serde_json::json!({"store": store_path}));
+                out!("{}", serde_json::json!({"store": store_path}));
             } else {
-                println!("created a wharf store at {}", store_path.display());
+                out!("created a wharf store at {}", store_path.display());
             }
         }
         Cmd::Add { input, name } => {
@@ -290,14 +302,14 @@ fn run(cli: Cli) -> Result<()> {
             bar.finish();
             let rep = rep.with_context(|| format!("add {input} as {name:?}: nothing was named"))?;
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&rep)?);
+                out!("{}", serde_json::to_string_pretty(&rep)?);
             } else {
                 let pct = if rep.len > 0 {
                     100.0 * rep.new_bytes as f64 / rep.len as f64
                 } else {
                     0.0
                 };
-                println!(
+                out!(
                     "{}: {} in, {} new ({pct:.1}%), {} on disk, {:.1} s",
                     rep.name,
                     HumanBytes(rep.len),
@@ -311,16 +323,19 @@ fn run(cli: Cli) -> Result<()> {
             let store = open_store(&store_path)?;
             let stats = maintenance::image_stats(&store)?;
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&stats)?);
+                out!("{}", serde_json::to_string_pretty(&stats)?);
             } else if stats.is_empty() {
-                println!("no images in {}", store_path.display());
+                out!("no images in {}", store_path.display());
             } else {
-                println!(
+                out!(
                     "{:<32} {:>12} {:>12} {:>7}  added",
-                    "NAME", "SIZE", "UNIQUE", "LAYERS"
+                    "NAME",
+                    "SIZE",
+                    "UNIQUE",
+                    "LAYERS"
                 );
                 for s in stats {
-                    println!(
+                    out!(
                         "{:<32} {:>12} {:>12} {:>7}  {}",
                         s.name,
                         HumanBytes(s.len).to_string(),
@@ -335,15 +350,15 @@ fn run(cli: Cli) -> Result<()> {
             let store = open_store(&store_path)?;
             let info = maintenance::info(&store, &name)?;
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&info)?);
+                out!("{}", serde_json::to_string_pretty(&info)?);
             } else {
-                println!(
+                out!(
                     "{}  {}  sha256:{}",
                     info.name,
                     HumanBytes(info.len),
                     info.sha256
                 );
-                println!("recipe {}  added {}", info.recipe, fmt_time(info.added));
+                out!("recipe {}  added {}", info.recipe, fmt_time(info.added));
                 for l in &info.layers {
                     let share = if !l.same_layer_in.is_empty() {
                         format!("same layer in {}", l.same_layer_in.join(", "))
@@ -355,7 +370,7 @@ fn run(cli: Cli) -> Result<()> {
                     } else {
                         String::new()
                     };
-                    println!(
+                    out!(
                         "  {:<60} {:>10} {:<4} sha256:{}…  {}",
                         l.path,
                         HumanBytes(l.len).to_string(),
@@ -364,7 +379,7 @@ fn run(cli: Cli) -> Result<()> {
                         share
                     );
                     if let Some(c) = &l.compression {
-                        println!("      {}", describe_compression(c, l.len));
+                        out!("      {}", describe_compression(c, l.len));
                     }
                 }
             }
@@ -395,7 +410,7 @@ fn run(cli: Cli) -> Result<()> {
             })?;
             if output != "-" {
                 if cli.json {
-                    println!(
+                    out!(
                         "{}",
                         serde_json::json!({"name": name, "output": output, "len": recipe.len, "sha256": recipe.sha256})
                     );
@@ -412,15 +427,15 @@ fn run(cli: Cli) -> Result<()> {
             let store = open_store(&store_path)?;
             let rep = maintenance::verify(&store, full)?;
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&rep)?);
+                out!("{}", serde_json::to_string_pretty(&rep)?);
             } else {
                 for n in &rep.notes {
-                    println!("note: {n}");
+                    out!("note: {n}");
                 }
                 for e in &rep.errors {
-                    println!("error: {e}");
+                    out!("error: {e}");
                 }
-                println!(
+                out!(
                     "{} index file(s), {} pack(s), {} name(s){}: {}",
                     rep.indexes,
                     rep.packs,
@@ -446,20 +461,20 @@ fn run(cli: Cli) -> Result<()> {
             for n in &names {
                 store.remove_ref(n)?;
                 if !cli.json {
-                    println!("removed {n} (run `wharf gc` to free its space)");
+                    out!("removed {n} (run `wharf gc` to free its space)");
                 }
             }
             if cli.json {
-                println!("{}", serde_json::json!({"removed": names}));
+                out!("{}", serde_json::json!({"removed": names}));
             }
         }
         Cmd::Gc { dry_run } => {
             let store = open_store(&store_path)?;
             let rep = maintenance::gc(&store, dry_run)?;
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&rep)?);
+                out!("{}", serde_json::to_string_pretty(&rep)?);
             } else {
-                println!(
+                out!(
                     "{}{} freed: {} pack(s) deleted, {} rewritten, {} live chunks kept",
                     if dry_run { "would be " } else { "" },
                     HumanBytes(rep.bytes_freed),

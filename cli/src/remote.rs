@@ -60,9 +60,9 @@ fn spawn_server(dest: &str) -> Result<Child> {
 
 fn report(rep: &TransferReport, verb: &str, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(rep)?);
+        out!("{}", serde_json::to_string_pretty(rep)?);
     } else {
-        println!(
+        out!(
             "{}: {verb} {} chunks ({} on the wire), skipped {} chunks and {} whole layers the other side had; image {}, {:.1} s",
             rep.name,
             rep.chunks_sent,
@@ -149,10 +149,10 @@ fn http_client(url: &str, token_file: Option<&Path>) -> Result<HttpClient> {
 /// Prints what a push or bundle would send, per layer.
 fn print_plan(plan: &wharf_transport::walk::Plan, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(plan)?);
+        out!("{}", serde_json::to_string_pretty(plan)?);
         return Ok(());
     }
-    println!(
+    out!(
         "{}: would send {} of a {} image (dry run: nothing was sent)",
         plan.name,
         HumanBytes(plan.total_missing_bytes),
@@ -169,13 +169,13 @@ fn print_plan(plan: &wharf_transport::walk::Plan, json: bool) -> Result<()> {
                 HumanBytes(l.missing_bytes)
             )
         };
-        println!(
+        out!(
             "  {:<72} {:>10}  {what}",
             l.path,
             HumanBytes(l.len).to_string()
         );
     }
-    println!(
+    out!(
         "  {:<72} {:>10}  {} chunks missing, {}",
         "(recipe, outer tar, small members)",
         "",
@@ -372,12 +372,12 @@ pub fn serve_http(
     };
     http::serve(store.clone(), addr, tokens, |a| {
         if json {
-            println!(
+            out!(
                 "{}",
                 serde_json::json!({"listening": format!("http://{a}")})
             );
         } else {
-            println!("wharf: serving on http://{a} ({mode})");
+            out!("wharf: serving on http://{a} ({mode})");
         }
         let _ = std::io::Write::flush(&mut std::io::stdout());
     })?;
@@ -417,9 +417,9 @@ pub fn bundle(
     tmp.persist(output)
         .with_context(|| format!("write {}", output.display()))?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&rep)?);
+        out!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
-        println!(
+        out!(
             "{}: bundle {} ({} chunks; {} skipped as the receiver has them), image {}",
             output.display(),
             HumanBytes(rep.wire_bytes_out),
@@ -439,10 +439,10 @@ pub fn unbundle(store: &Arc<Store>, input: &Path, json: bool) -> Result<()> {
     let names = bundle::read_bundle(store, &mut f)
         .with_context(|| format!("unbundle {}", input.display()))?;
     if json {
-        println!("{}", serde_json::json!({ "published": names }));
+        out!("{}", serde_json::json!({ "published": names }));
     } else {
         for n in names {
-            println!("{n}: published from {}", input.display());
+            out!("{n}: published from {}", input.display());
         }
     }
     Ok(())
@@ -454,9 +454,9 @@ pub fn have(store: &Arc<Store>, output: &Path, json: bool) -> Result<()> {
     );
     let n = bundle::write_have(store, &mut w)?;
     if json {
-        println!("{}", serde_json::json!({ "chunks": n, "output": output }));
+        out!("{}", serde_json::json!({ "chunks": n, "output": output }));
     } else {
-        println!("{}: {n} chunk ids", output.display());
+        out!("{}: {n} chunk ids", output.display());
     }
     Ok(())
 }
