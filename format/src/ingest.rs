@@ -28,6 +28,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Smallest layer worth guessing by its size alone (see `KnownLayers`).
+const SIZE_ONLY_MIN: u64 = 1 << 20;
+
 /// Tars nested deeper than this are stored as plain bytes.
 pub const MAX_DEPTH: u32 = 3;
 /// Members of the outer tar at least this large get a node of their own even
@@ -346,6 +349,10 @@ struct Ingester<'w> {
 pub struct KnownLayers {
     by_sha: HashMap<String, ChunkId>,
     by_path_len: HashMap<(String, u64), ChunkId>,
+    /// Layers of at least `SIZE_ONLY_MIN` bytes by size alone: in the legacy
+    /// layout an unchanged layer moves to a new `<id>/` when a layer below it
+    /// changes. A wrong guess costs one block's hash before the normal path.
+    by_len: HashMap<u64, ChunkId>,
     /// How each compressed layer was stored, carried over when it is reused.
     compression: HashMap<ChunkId, Compression>,
 }
@@ -361,6 +368,9 @@ impl KnownLayers {
             for l in rec.layers {
                 k.by_sha.insert(l.sha256.clone(), l.node);
                 k.by_path_len.insert((l.path.clone(), l.len), l.node);
+                if l.len >= SIZE_ONLY_MIN {
+                    k.by_len.insert(l.len, l.node);
+                }
                 if let Some(c) = l.compression {
                     k.compression.insert(l.node, c);
                 }
@@ -371,7 +381,8 @@ impl KnownLayers {
 
     /// A stored layer this member probably is: by the digest in its name
     /// (OCI layout `blobs/sha256/<hex>`), else by the same path and size
-    /// (legacy layout `<id>/layer.tar`, whose id derives from the content).
+    /// (legacy layout `<id>/layer.tar`, whose id derives from the content),
+    /// else by size alone for large members.
     fn candidate(&self, path: &[u8], size: u64) -> Option<ChunkId> {
         let path = String::from_utf8_lossy(path);
         if let Some(hex) = path.strip_prefix("blobs/sha256/") {
@@ -379,7 +390,10 @@ impl KnownLayers {
                 return Some(*id);
             }
         }
-        self.by_path_len.get(&(path.into_owned(), size)).copied()
+        self.by_path_len
+            .get(&(path.into_owned(), size))
+            .or_else(|| self.by_len.get(&size))
+            .copied()
     }
 }
 

@@ -314,3 +314,28 @@ fn gc_keeps_block_maps_of_live_layers() {
     }
     assert_round_trip(&store, "again", &keep);
 }
+
+/// In the legacy layout an unchanged layer moves to a new `<id>/layer.tar`
+/// when a layer below it changes: it is still recognised whole, by size and
+/// block map, and not chunked again; a same-size layer with other bytes is
+/// still stored exactly.
+#[test]
+fn a_known_layer_under_a_new_path_is_reused_whole() {
+    let (_d, store) = new_store();
+    let layer = big_layer(7);
+    let first = outer_tar(&[("aaaa/layer.tar", &layer), ("manifest.json", b"[]")]);
+    let r1 = add(&store, "first", &first);
+    let moved = outer_tar(&[("bbbb/layer.tar", &layer), ("manifest.json", b"[]")]);
+    let r2 = assert_round_trip(&store, "moved", &moved);
+    assert!(
+        r2.chunks * 10 < r1.chunks,
+        "the moved layer was chunked again: {} chunks offered vs {} the first time",
+        r2.chunks,
+        r1.chunks
+    );
+    let mut other = layer.clone();
+    let n = other.len();
+    other[n / 2] ^= 0x20;
+    let same_size = outer_tar(&[("cccc/layer.tar", &other), ("manifest.json", b"[]")]);
+    assert_round_trip(&store, "same size, other bytes", &same_size);
+}
