@@ -115,6 +115,33 @@ impl Drop for TransferBar {
     }
 }
 
+type StreamClient = Client<
+    std::io::BufReader<std::process::ChildStdout>,
+    std::io::BufWriter<std::process::ChildStdin>,
+>;
+
+/// Starts the server for `dest`, runs `f` on a connected client, and waits
+/// for the server to exit (its failure is reported only if `f` succeeded,
+/// since `f`'s own error says more).
+fn with_stream_client<T>(
+    dest: &str,
+    role: &str,
+    f: impl FnOnce(&mut StreamClient) -> wharf_transport::Result<T>,
+) -> Result<wharf_transport::Result<T>> {
+    let mut child = spawn_server(dest)?;
+    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        bail!("no pipes to the wharf server");
+    };
+    let res = Client::connect(
+        std::io::BufReader::new(stdout),
+        std::io::BufWriter::new(stdin),
+        role,
+    )
+    .and_then(|mut c| f(&mut c));
+    finish_child(child, res.is_ok())?;
+    Ok(res)
+}
+
 fn finish_child(mut child: Child, ok: bool) -> Result<()> {
     drop(child.stdin.take());
     let status = child.wait()?;
@@ -197,18 +224,8 @@ pub fn push_dry_run(
     let plan = if is_http(dest) {
         http_client(dest, token_file)?.plan_push(store, name)?
     } else {
-        let mut child = spawn_server(dest)?;
-        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-            bail!("no pipes to the wharf server");
-        };
-        let res = Client::connect(
-            std::io::BufReader::new(stdout),
-            std::io::BufWriter::new(stdin),
-            "push",
-        )
-        .and_then(|mut c| c.plan_push(store, name));
-        finish_child(child, res.is_ok())?;
-        res.with_context(|| format!("dry run of push {name} to {dest}"))?
+        with_stream_client(dest, "push", |c| c.plan_push(store, name))?
+            .with_context(|| format!("dry run of push {name} to {dest}"))?
     };
     print_plan(&plan, json)
 }
@@ -238,24 +255,14 @@ pub fn push(
         let rep = res.with_context(|| format!("push {name} to {dest}"))?;
         return report(&rep, "sent", json);
     }
-    let mut child = spawn_server(dest)?;
-    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-        bail!("no pipes to the wharf server");
-    };
-    let res = Client::connect(
-        std::io::BufReader::new(stdout),
-        std::io::BufWriter::new(stdin),
-        "push",
-    )
-    .and_then(|mut c| {
+    let res = with_stream_client(dest, "push", |c| {
         c.push(
             store,
             name,
             as_name.unwrap_or(name),
             &|r: &TransferReport| bar.update(r),
         )
-    });
-    finish_child(child, res.is_ok())?;
+    })?;
     let rep = res.with_context(|| format!("push {name} to {dest}"))?;
     report(&rep, "sent", json)
 }
@@ -280,24 +287,14 @@ pub fn pull(
         let rep = res.with_context(|| format!("pull {name} from {src}"))?;
         return report(&rep, "fetched", json);
     }
-    let mut child = spawn_server(src)?;
-    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-        bail!("no pipes to the wharf server");
-    };
-    let res = Client::connect(
-        std::io::BufReader::new(stdout),
-        std::io::BufWriter::new(stdin),
-        "pull",
-    )
-    .and_then(|mut c| {
+    let res = with_stream_client(src, "pull", |c| {
         c.pull(
             store,
             name,
             as_name.unwrap_or(name),
             &|r: &TransferReport| bar.update(r),
         )
-    });
-    finish_child(child, res.is_ok())?;
+    })?;
     let rep = res.with_context(|| format!("pull {name} from {src}"))?;
     report(&rep, "fetched", json)
 }
