@@ -516,55 +516,58 @@ impl ChunkWriter {
     /// checking that it decompresses to bytes with the given id. Returns
     /// false when the chunk was already present.
     pub fn put_stored(&self, id: ChunkId, raw_len: u32, stored: Vec<u8>) -> Result<bool> {
-        self.stats.chunks_in.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .bytes_in
-            .fetch_add(raw_len as u64, Ordering::Relaxed);
-        // A chunk already here is dropped unread: a sender cannot make the
-        // receiver spend work on bytes it will not keep.
-        if self.has(&id) {
-            return Ok(false);
+        Ok(self.put_stored_many(vec![(id, raw_len, stored)])? == 1)
+    }
+
+    /// Stores a batch of received chunks; returns how many were new. Chunks
+    /// already here are dropped unread (a sender cannot make the receiver
+    /// spend work on bytes it will not keep); the others are verified on all
+    /// cores, and the whole batch is refused, before any of it is queued,
+    /// if one of them is bad.
+    pub fn put_stored_many(&self, items: Vec<(ChunkId, u32, Vec<u8>)>) -> Result<u64> {
+        use rayon::prelude::*;
+        for (_, raw_len, _) in &items {
+            self.stats.chunks_in.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .bytes_in
+                .fetch_add(*raw_len as u64, Ordering::Relaxed);
         }
-        let bad = |why: &str| Error::Verify(format!("received chunk {id}: {why}"));
-        if raw_len as usize > MAX_CHUNK_LEN {
-            return Err(bad("larger than any chunk wharf writes"));
-        }
-        // Exactly one zstd frame, no bigger than zstd's worst case for the
-        // length: no padding or extra frames can ride along into a pack.
-        let frame_len = zstd::zstd_safe::find_frame_compressed_size(&stored).ok();
-        if frame_len != Some(stored.len())
-            || stored.len() > zstd::zstd_safe::compress_bound(raw_len as usize)
-        {
-            return Err(bad("not a single zstd frame of the expected size"));
-        }
-        let raw = decompress(&stored, raw_len as usize)
-            .map_err(|e| bad(&format!("cannot decompress: {e}")))?;
-        if raw.len() != raw_len as usize || ChunkId::of(&raw) != id {
-            return Err(bad("content does not match its hash"));
-        }
-        {
-            let mut p = self
-                .pending
-                .lock()
-                .map_err(|_| Error::Corrupt("pending set lock poisoned".into()))?;
-            if !p.insert(id) {
-                return Ok(false);
+        let fresh: Vec<(ChunkId, u32, Vec<u8>)> = items
+            .into_iter()
+            .filter(|(id, _, _)| !self.has(id))
+            .collect();
+        fresh
+            .par_iter()
+            .map(|(id, raw_len, stored)| check_received(id, *raw_len, stored))
+            .collect::<Result<Vec<()>>>()?;
+        let mut new = 0;
+        for (id, raw_len, stored) in fresh {
+            {
+                let mut p = self
+                    .pending
+                    .lock()
+                    .map_err(|_| Error::Corrupt("pending set lock poisoned".into()))?;
+                if !p.insert(id) {
+                    continue;
+                }
             }
+            self.stats.chunks_new.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .bytes_new
+                .fetch_add(raw_len as u64, Ordering::Relaxed);
+            let sent = match &self.to_writer {
+                Some(tx) => tx.send(ToWriter::Chunk(id, raw_len, stored)).is_ok(),
+                None => false,
+            };
+            if !sent {
+                let failure = self.failure.lock().ok().and_then(|mut f| f.take());
+                return Err(failure.unwrap_or_else(|| {
+                    Error::Corrupt("chunk writer stopped unexpectedly".into())
+                }));
+            }
+            new += 1;
         }
-        self.stats.chunks_new.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .bytes_new
-            .fetch_add(raw_len as u64, Ordering::Relaxed);
-        let sent = match &self.to_writer {
-            Some(tx) => tx.send(ToWriter::Chunk(id, raw_len, stored)).is_ok(),
-            None => false,
-        };
-        if !sent {
-            let failure = self.failure.lock().ok().and_then(|mut f| f.take());
-            return Err(failure
-                .unwrap_or_else(|| Error::Corrupt("chunk writer stopped unexpectedly".into())));
-        }
-        Ok(true)
+        Ok(new)
     }
 
     fn stop(&mut self) -> Result<()> {
@@ -615,6 +618,28 @@ impl Drop for ChunkWriter {
     fn drop(&mut self) {
         let _ = self.stop();
     }
+}
+
+/// A received chunk is exactly one zstd frame, no bigger than zstd's worst
+/// case for its length (no padding or extra frames can ride along into a
+/// pack), at most `MAX_CHUNK_LEN`, and decompresses to bytes with its id.
+fn check_received(id: &ChunkId, raw_len: u32, stored: &[u8]) -> Result<()> {
+    let bad = |why: &str| Error::Verify(format!("received chunk {id}: {why}"));
+    if raw_len as usize > MAX_CHUNK_LEN {
+        return Err(bad("larger than any chunk wharf writes"));
+    }
+    let frame_len = zstd::zstd_safe::find_frame_compressed_size(stored).ok();
+    if frame_len != Some(stored.len())
+        || stored.len() > zstd::zstd_safe::compress_bound(raw_len as usize)
+    {
+        return Err(bad("not a single zstd frame of the expected size"));
+    }
+    let raw = decompress(stored, raw_len as usize)
+        .map_err(|e| bad(&format!("cannot decompress: {e}")))?;
+    if raw.len() != raw_len as usize || ChunkId::of(&raw) != *id {
+        return Err(bad("content does not match its hash"));
+    }
+    Ok(())
 }
 
 /// Keeps a pipeline thread's error where `put` can find it; the thread then

@@ -154,12 +154,14 @@ impl Receiver {
         let Some(w) = self.writer.as_ref() else {
             return Err(Error::Protocol("no writer".into()));
         };
-        for c in decode_chunks(payload)? {
-            self.received += 1;
-            if w.put_stored(c.id, c.raw_len, c.stored)? {
-                self.new_chunks += 1;
-            }
-        }
+        let chunks = decode_chunks(payload)?;
+        self.received += chunks.len() as u64;
+        self.new_chunks += w.put_stored_many(
+            chunks
+                .into_iter()
+                .map(|c| (c.id, c.raw_len, c.stored))
+                .collect(),
+        )?;
         Ok(())
     }
 
