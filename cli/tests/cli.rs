@@ -37,6 +37,22 @@ fn bytes(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
+/// `wharf --json demo --keep DIR`: the two synthetic image versions as
+/// tars in DIR and added to DIR/store; returns what the demo printed.
+fn run_demo(dir: &Path) -> String {
+    ok(Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["--json", "demo", "--keep"])
+        .arg(dir)
+        .output()
+        .unwrap())
+}
+
+fn demo_dir() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    run_demo(d.path());
+    d
+}
+
 fn write(dir: &Path, name: &str, b: &[u8]) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, b).unwrap();
@@ -128,12 +144,7 @@ fn killed_add_leaves_a_store_that_verifies_and_resumes() {
 #[test]
 fn demo_proves_a_byte_identical_rebuild() {
     let d = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .args(["--json", "demo", "--keep"])
-        .arg(d.path())
-        .output()
-        .unwrap();
-    let text = ok(out);
+    let text = run_demo(d.path());
     let v: serde_json::Value = serde_json::from_str(&text).expect("demo --json prints JSON");
     assert_eq!(v["byte_identical"], true, "{text}");
     let full = v["v2_bytes"].as_u64().unwrap();
@@ -214,13 +225,7 @@ fn skopeo_reads_rebuilt_archives() {
         eprintln!("SKIPPED: skopeo is not installed (.ci/run installs it)");
         return;
     }
-    let d = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .args(["--json", "demo", "--keep"])
-        .arg(d.path())
-        .output()
-        .unwrap();
-    ok(out);
+    let d = demo_dir();
     let store = d.path().join("store");
     for name in ["wharf-demo:v2", "wharf-demo:v2-oci"] {
         let tar = d
@@ -248,13 +253,7 @@ fn skopeo_reads_rebuilt_archives() {
 /// stores (the same `serve --stdio` path that ssh uses).
 #[test]
 fn push_pull_and_bundle_between_stores() {
-    let d = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .args(["--json", "demo", "--keep"])
-        .arg(d.path())
-        .output()
-        .unwrap();
-    ok(out);
+    let d = demo_dir();
     let src = d.path().join("store");
     let dst = d.path().join("dst");
     ok(wharf(&dst).arg("init").output().unwrap());
@@ -356,13 +355,7 @@ fn push_pull_and_bundle_between_stores() {
 /// both succeed, both rebuild exactly, the store verifies.
 #[test]
 fn concurrent_pushes_of_images_sharing_chunks_both_succeed() {
-    let d = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .args(["--json", "demo", "--keep"])
-        .arg(d.path())
-        .output()
-        .unwrap();
-    ok(out);
+    let d = demo_dir();
     let src = d.path().join("store");
     let dst = d.path().join("dst");
     ok(wharf(&dst).arg("init").output().unwrap());
@@ -402,13 +395,7 @@ fn concurrent_pushes_of_images_sharing_chunks_both_succeed() {
 /// move nothing, and agree with what the real push then sends.
 #[test]
 fn dry_runs_predict_the_push_and_move_nothing() {
-    let d = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .args(["--json", "demo", "--keep"])
-        .arg(d.path())
-        .output()
-        .unwrap();
-    ok(out);
+    let d = demo_dir();
     let src = d.path().join("store");
     let dst = d.path().join("dst");
     ok(wharf(&dst).arg("init").output().unwrap());
@@ -474,13 +461,7 @@ fn dry_runs_predict_the_push_and_move_nothing() {
 /// pull fetches about what a store holding v1 would, and leaves no store.
 #[test]
 fn pull_with_a_seed_tar_and_no_store() {
-    let d = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .args(["--json", "demo", "--keep"])
-        .arg(d.path())
-        .output()
-        .unwrap();
-    ok(out);
+    let d = demo_dir();
     let src = d.path().join("store");
     let nowhere = d.path().join("no-store-here");
     let out_tar = d.path().join("v2.pulled.tar");
