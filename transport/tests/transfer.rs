@@ -30,23 +30,31 @@ fn extract(s: &Arc<Store>, name: &str) -> Vec<u8> {
     wharf_format::extract::extract_to_vec(s, name).unwrap()
 }
 
+type ServerThread = std::thread::JoinHandle<Result<(), wharf_transport::Error>>;
+
+/// A server on `dst` in a thread; returns the client's end of the stream.
+fn spawn_server(dst: &Arc<Store>) -> (UnixStream, ServerThread) {
+    let (a, b) = UnixStream::pair().unwrap();
+    let s = dst.clone();
+    let server = std::thread::spawn(move || {
+        let mut input = b.try_clone().unwrap();
+        let mut output = b;
+        session::serve(s, &mut input, &mut output, false)
+    });
+    (a, server)
+}
+
 /// Runs a server on `dst` in a thread and a client on the other end.
 fn with_session<T>(
     dst: &Arc<Store>,
     role: &str,
     f: impl FnOnce(&mut Client<UnixStream, UnixStream>) -> T,
 ) -> T {
-    let (a, b) = UnixStream::pair().unwrap();
-    let server_store = dst.clone();
-    let server = std::thread::spawn(move || {
-        let mut input = b.try_clone().unwrap();
-        let mut output = b;
-        let _ = session::serve(server_store, &mut input, &mut output, false);
-    });
+    let (a, server) = spawn_server(dst);
     let mut client = Client::connect(a.try_clone().unwrap(), a, role).unwrap();
     let out = f(&mut client);
     drop(client);
-    server.join().unwrap();
+    let _ = server.join().unwrap();
     out
 }
 
@@ -162,13 +170,7 @@ fn interrupted_push_resumes_without_resending() {
         c.push(&src, "img", "img", &|_| {}).unwrap()
     });
     // A stream that breaks after ~60% of the bytes a full push writes.
-    let (a, b) = UnixStream::pair().unwrap();
-    let server_store = dst.clone();
-    let server = std::thread::spawn(move || {
-        let mut input = b.try_clone().unwrap();
-        let mut output = b;
-        session::serve(server_store, &mut input, &mut output, false)
-    });
+    let (a, server) = spawn_server(&dst);
     struct Breaking {
         inner: UnixStream,
         left: u64,
@@ -265,13 +267,7 @@ fn hostile_messages_are_refused() {
         ),
     ];
     for (what, bytes) in cases {
-        let (a, b) = UnixStream::pair().unwrap();
-        let s = dst.clone();
-        let server = std::thread::spawn(move || {
-            let mut input = b.try_clone().unwrap();
-            let mut output = b;
-            session::serve(s, &mut input, &mut output, false)
-        });
+        let (a, server) = spawn_server(&dst);
         let mut w = a.try_clone().unwrap();
         w.write_all(&bytes).unwrap();
         w.shutdown(std::net::Shutdown::Write).unwrap();
@@ -330,13 +326,7 @@ fn a_chunk_corrupted_in_transit_is_rejected() {
     let v1 = image(Layout::Legacy, Version::V1);
     add(&src, "v1", &v1);
     let (client_end, proxy_in) = UnixStream::pair().unwrap();
-    let (proxy_out, server_end) = UnixStream::pair().unwrap();
-    let server_store = dst.clone();
-    let server = std::thread::spawn(move || {
-        let mut input = server_end.try_clone().unwrap();
-        let mut output = server_end;
-        session::serve(server_store, &mut input, &mut output, false)
-    });
+    let (proxy_out, server) = spawn_server(&dst);
     // Server to client: copied as is.
     let (mut back_from, mut back_to) = (
         proxy_out.try_clone().unwrap(),
@@ -406,13 +396,7 @@ fn put_entry(raw: &[u8], stored: &[u8]) -> Vec<u8> {
 
 /// Runs one raw client byte stream against a server; returns the server's result.
 fn serve_raw(dst: &Arc<Store>, bytes: Vec<u8>) -> (Result<(), wharf_transport::Error>, Vec<u8>) {
-    let (a, b) = UnixStream::pair().unwrap();
-    let s = dst.clone();
-    let server = std::thread::spawn(move || {
-        let mut input = b.try_clone().unwrap();
-        let mut output = b;
-        session::serve(s, &mut input, &mut output, false)
-    });
+    let (a, server) = spawn_server(dst);
     let mut w = a.try_clone().unwrap();
     w.write_all(&bytes).unwrap();
     w.shutdown(std::net::Shutdown::Write).unwrap();
