@@ -585,6 +585,12 @@ impl HttpClient {
                         Err(_) => return,
                     };
                     let Ok(body) = body else { return };
+                    // After a failure, bodies are drained unsent until the
+                    // producer stops: a sender blocked on a full channel with
+                    // no one receiving would wait forever.
+                    if failed.load(Ordering::Relaxed) {
+                        continue;
+                    }
                     match self.request("/v1/put", Some(&body)) {
                         Ok(_) => progress(&snapshot(&|_| {})),
                         Err(e) => {
@@ -592,7 +598,6 @@ impl HttpClient {
                             if let Ok(mut f) = failure.lock() {
                                 f.get_or_insert(e);
                             }
-                            return;
                         }
                     }
                 });
