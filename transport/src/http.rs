@@ -534,7 +534,6 @@ impl HttpClient {
     ) -> Result<TransferReport> {
         let started = std::time::Instant::now();
         let r = store.require_ref(name)?;
-        let recipe = wharf_format::extract::load_recipe(store, &r.recipe)?;
         let rep = Mutex::new(TransferReport {
             name: as_name.to_string(),
             image_bytes: r.len,
@@ -555,20 +554,12 @@ impl HttpClient {
         };
         // A refused token is reported now, not as a broken pipe mid-upload.
         self.request("/v1/put", Some(&[]))?;
-        // Level one: whole layers.
-        let layer_ids: Vec<ChunkId> = recipe.layers.iter().map(|l| l.node).collect();
-        let have_layers = self.ask_has(&layer_ids, true)?;
-        let skip: HashSet<ChunkId> = layer_ids
-            .iter()
-            .zip(&have_layers)
-            .filter(|(_, h)| **h)
-            .map(|(i, _)| *i)
-            .collect();
-        // Level two: chunks of everything else.
-        let ids = walk::image_chunks(store, &r.recipe, &skip)?;
-        let have = self.ask_has(&ids, false)?;
+        let (ids, have, layers_skipped) =
+            walk::negotiate_push(store, &r.recipe, &mut |ids, layers| {
+                self.ask_has(ids, layers)
+            })?;
         snapshot(&|g| {
-            g.layers_skipped = skip.len() as u64;
+            g.layers_skipped = layers_skipped;
             g.chunks_total = ids.len() as u64;
             g.chunks_skipped = have.iter().filter(|h| **h).count() as u64;
         });

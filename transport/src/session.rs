@@ -428,26 +428,17 @@ impl<R: Read, W: Write> Client<R, W> {
         }
         let started = std::time::Instant::now();
         let r = store.require_ref(name)?;
-        let recipe = wharf_format::extract::load_recipe(store, &r.recipe)?;
+        let (ids, have, layers_skipped) =
+            walk::negotiate_push(store, &r.recipe, &mut |ids, layers| {
+                self.ask_has(ids, layers)
+            })?;
         let mut rep = TransferReport {
             name: as_name.to_string(),
             image_bytes: r.len,
+            layers_skipped,
+            chunks_total: ids.len() as u64,
             ..Default::default()
         };
-        // Level one: whole layers.
-        let layer_ids: Vec<ChunkId> = recipe.layers.iter().map(|l| l.node).collect();
-        let have_layers = self.ask_has(&layer_ids, true)?;
-        let skip: HashSet<ChunkId> = layer_ids
-            .iter()
-            .zip(&have_layers)
-            .filter(|(_, h)| **h)
-            .map(|(i, _)| *i)
-            .collect();
-        rep.layers_skipped = skip.len() as u64;
-        // Level two: chunks of everything else.
-        let ids = walk::image_chunks(store, &r.recipe, &skip)?;
-        rep.chunks_total = ids.len() as u64;
-        let have = self.ask_has(&ids, false)?;
         let mut buf = Vec::new();
         for (id, has) in ids.iter().zip(have) {
             if has {

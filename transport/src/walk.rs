@@ -14,13 +14,26 @@ pub fn image_chunks(
     recipe: &ChunkId,
     skip: &HashSet<ChunkId>,
 ) -> Result<Vec<ChunkId>> {
-    let mut out = vec![*recipe];
-    let mut seen: HashSet<ChunkId> = HashSet::new();
-    seen.insert(*recipe);
     let rec = load_recipe(store, recipe)?;
-    let mut nodes = vec![rec.root];
+    let mut seen: HashSet<ChunkId> = skip.clone();
+    seen.insert(*recipe);
+    let mut out = vec![*recipe];
+    subtree_chunks(store, &rec.root, &mut seen, &mut out)?;
+    Ok(out)
+}
+
+/// Appends to `out` every chunk below `node` (itself, block maps, list
+/// pieces, data, children) that is not in `seen`, adding each to `seen`:
+/// nodes in `seen` beforehand are skipped with their whole subtree.
+fn subtree_chunks(
+    store: &Store,
+    node: &ChunkId,
+    seen: &mut HashSet<ChunkId>,
+    out: &mut Vec<ChunkId>,
+) -> Result<()> {
+    let mut nodes = vec![*node];
     while let Some(n) = nodes.pop() {
-        if skip.contains(&n) || !seen.insert(n) {
+        if !seen.insert(n) {
             continue;
         }
         out.push(n);
@@ -45,7 +58,7 @@ pub fn image_chunks(
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The child nodes and chunk streams below a node. Every node kind must be
@@ -157,6 +170,29 @@ fn missing_in_stream(store: &Store, s: &StreamRef, out: &mut Vec<ChunkId>) -> Re
     Ok(())
 }
 
+/// The two levels of a push: first which layers of the image the receiver
+/// holds whole, then, below everything else, which chunks it holds.
+/// Returns the chunk ids asked about, whether each is held, and how many
+/// layers were skipped whole.
+pub fn negotiate_push(
+    store: &Store,
+    recipe: &ChunkId,
+    has: &mut HasOracle<'_>,
+) -> Result<(Vec<ChunkId>, Vec<bool>, u64)> {
+    let rec = load_recipe(store, recipe)?;
+    let layer_ids: Vec<ChunkId> = rec.layers.iter().map(|l| l.node).collect();
+    let held = has(&layer_ids, true)?;
+    let skip: HashSet<ChunkId> = layer_ids
+        .iter()
+        .zip(&held)
+        .filter(|(_, h)| **h)
+        .map(|(i, _)| *i)
+        .collect();
+    let ids = image_chunks(store, recipe, &skip)?;
+    let have = has(&ids, false)?;
+    Ok((ids, have, skip.len() as u64))
+}
+
 /// What a push would send, per layer: the answer to `--dry-run`.
 #[derive(serde::Serialize, Debug, Default, Clone)]
 pub struct LayerPlan {
@@ -210,8 +246,8 @@ pub fn plan_push(store: &Store, name: &str, has: &mut HasOracle<'_>) -> Result<P
             ..Default::default()
         };
         if !whole {
-            let mut ids = layer_chunks(store, &l.node)?;
-            ids.retain(|id| seen.insert(*id));
+            let mut ids = Vec::new();
+            subtree_chunks(store, &l.node, &mut seen, &mut ids)?;
             lp.chunks = ids.len() as u64;
             for (id, h) in ids.iter().zip(has(&ids, false)?) {
                 if !h {
@@ -233,32 +269,4 @@ pub fn plan_push(store: &Store, name: &str, has: &mut HasOracle<'_>) -> Result<P
     }
     plan.total_missing_bytes += plan.other_missing_bytes;
     Ok(plan)
-}
-
-/// Every chunk below one node (itself included).
-fn layer_chunks(store: &Store, node: &ChunkId) -> Result<Vec<ChunkId>> {
-    let mut out = Vec::new();
-    let mut seen = HashSet::new();
-    let mut nodes = vec![*node];
-    while let Some(n) = nodes.pop() {
-        if !seen.insert(n) {
-            continue;
-        }
-        out.push(n);
-        let node = Node::decode(&store.read_chunk(&n)?, &n)?;
-        if let Some(b) = node.blocks {
-            out.push(b);
-        }
-        let (children, streams) = node_parts(&node);
-        nodes.extend(children);
-        for s in streams {
-            let ids = std::cell::RefCell::new(Vec::new());
-            ListReader::new(&s, |c| store.read_chunk(c)).walk(
-                |p| ids.borrow_mut().push(*p),
-                |e| ids.borrow_mut().push(e.0),
-            )?;
-            out.extend(ids.into_inner());
-        }
-    }
-    Ok(out)
 }
