@@ -155,6 +155,8 @@ enum Cmd {
         /// Negotiate and show, per layer, what would be sent; send nothing.
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        deltas: DeltaArgs,
     },
     /// Fetch an image from another store (see `push` for SRC), fetching only missing chunks.
     Pull {
@@ -219,6 +221,8 @@ enum Cmd {
         /// Show, per layer, what the bundle would carry; write nothing.
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        deltas: DeltaArgs,
     },
     /// Apply a bundle: store its chunks (each verified) and publish its image name.
     Unbundle { input: PathBuf },
@@ -233,6 +237,30 @@ enum Cmd {
         #[arg(long)]
         keep: Option<PathBuf>,
     },
+}
+
+/// How chunks the receiver lacks may travel as deltas.
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct DeltaArgs {
+    /// Send every missing chunk whole. By default a chunk travels as a zstd delta against
+    /// similar bytes the receiver already holds (the same file in the previous version of the
+    /// layer, the same tar headers) whenever that is smaller; the receiver rebuilds it and
+    /// checks its hash.
+    #[arg(long)]
+    no_deltas: bool,
+    /// zstd level for deltas: higher finds smaller deltas at more CPU on the sender.
+    #[arg(long, default_value_t = wharf_format::similar::DEFAULT_LEVEL,
+          value_parser = clap::value_parser!(i32).range(1..=22))]
+    delta_level: i32,
+}
+
+impl DeltaArgs {
+    fn options(self) -> wharf_transport::send::DeltaOptions {
+        wharf_transport::send::DeltaOptions {
+            enabled: !self.no_deltas,
+            level: self.delta_level,
+        }
+    }
 }
 
 fn default_store() -> PathBuf {
@@ -502,13 +530,21 @@ fn run(cli: Cli) -> Result<()> {
             token_file,
             from_docker,
             dry_run,
+            deltas,
         } => {
             let store = open_store(&store_path)?;
             if dry_run && from_docker {
                 bail!("--dry-run with --from-docker: save the image first (`wharf save`), then dry-run the push");
             }
             if dry_run {
-                return remote::push_dry_run(&store, &name, &dest, token_file.as_deref(), cli.json);
+                return remote::push_dry_run(
+                    &store,
+                    &name,
+                    &dest,
+                    token_file.as_deref(),
+                    deltas.options(),
+                    cli.json,
+                );
             }
             if from_docker {
                 let rep = docker::save(&store, std::slice::from_ref(&name), &name, show_progress)?;
@@ -524,8 +560,8 @@ fn run(cli: Cli) -> Result<()> {
                 &store,
                 &name,
                 &dest,
-                as_name.as_deref(),
-                token_file.as_deref(),
+                (as_name.as_deref(), token_file.as_deref()),
+                deltas.options(),
                 cli.json,
                 show_progress,
             )?
@@ -609,12 +645,13 @@ fn run(cli: Cli) -> Result<()> {
             have,
             have_file,
             dry_run,
+            deltas,
         } => remote::bundle(
             &open_store(&store_path)?,
             &name,
             &output,
-            &have,
-            have_file.as_deref(),
+            (&have, have_file.as_deref()),
+            deltas.options(),
             cli.json,
             dry_run,
         )?,

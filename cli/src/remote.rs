@@ -8,6 +8,7 @@ use std::sync::Arc;
 use wharf_format::Store;
 use wharf_transport::bundle;
 use wharf_transport::http::{self, HttpClient};
+use wharf_transport::send::DeltaOptions;
 use wharf_transport::session::{self, Client, TransferReport};
 
 /// Starts `wharf serve --stdio` for a destination: over ssh for
@@ -58,14 +59,28 @@ fn spawn_server(dest: &str) -> Result<Child> {
         .with_context(|| format!("start the wharf server for {dest}"))
 }
 
+/// ", 812 as deltas (1.2 MB instead of 14.1 MB)" when any chunk went as a delta.
+fn delta_note(rep: &TransferReport) -> String {
+    if rep.delta_chunks == 0 {
+        return String::new();
+    }
+    format!(
+        ", {} as deltas ({} instead of {})",
+        rep.delta_chunks,
+        HumanBytes(rep.delta_bytes),
+        HumanBytes(rep.delta_instead_of)
+    )
+}
+
 fn report(rep: &TransferReport, verb: &str, json: bool) -> Result<()> {
     if json {
         out!("{}", serde_json::to_string_pretty(rep)?);
     } else {
         out!(
-            "{}: {verb} {} chunks ({} on the wire), skipped {} chunks and {} whole layers the other side had; image {}, {:.1} s",
+            "{}: {verb} {} chunks{} ({} on the wire), skipped {} chunks and {} whole layers the other side had; image {}, {:.1} s",
             rep.name,
             rep.chunks_sent,
+            delta_note(rep),
             HumanBytes(rep.wire_bytes_out + rep.wire_bytes_in),
             rep.chunks_skipped,
             rep.layers_skipped,
@@ -189,8 +204,18 @@ fn print_plan(plan: &wharf_transport::walk::Plan, json: bool) -> Result<()> {
         let what = if l.whole_layer_present {
             "the receiver has this layer".to_string()
         } else {
+            let deltas = if l.delta_chunks > 0 {
+                format!(
+                    " ({} as deltas: {} instead of {})",
+                    l.delta_chunks,
+                    HumanBytes(l.delta_bytes),
+                    HumanBytes(l.delta_instead_of)
+                )
+            } else {
+                String::new()
+            };
             format!(
-                "{} of {} chunks missing, {}",
+                "{} of {} chunks missing, {}{deltas}",
                 l.missing_chunks,
                 l.chunks,
                 HumanBytes(l.missing_bytes)
@@ -209,6 +234,14 @@ fn print_plan(plan: &wharf_transport::walk::Plan, json: bool) -> Result<()> {
         plan.other_missing_chunks,
         HumanBytes(plan.other_missing_bytes)
     );
+    if !plan.delta_bases.is_empty() {
+        out!(
+            "  deltas against {} held by the receiver: {} chunks, {}",
+            plan.delta_bases.join(", "),
+            plan.delta_chunks,
+            HumanBytes(plan.delta_bytes)
+        );
+    }
     Ok(())
 }
 
@@ -218,13 +251,14 @@ pub fn push_dry_run(
     name: &str,
     dest: &str,
     token_file: Option<&Path>,
+    deltas: DeltaOptions,
     json: bool,
 ) -> Result<()> {
     store.require_ref(name)?;
     let plan = if is_http(dest) {
-        http_client(dest, token_file)?.plan_push(store, name)?
+        http_client(dest, token_file)?.plan_push(store, name, deltas)?
     } else {
-        with_stream_client(dest, "push", |c| c.plan_push(store, name))?
+        with_stream_client(dest, "push", |c| c.plan_push(store, name, deltas))?
             .with_context(|| format!("dry run of push {name} to {dest}"))?
     };
     print_plan(&plan, json)
@@ -234,8 +268,8 @@ pub fn push(
     store: &Arc<Store>,
     name: &str,
     dest: &str,
-    as_name: Option<&str>,
-    token_file: Option<&Path>,
+    (as_name, token_file): (Option<&str>, Option<&Path>),
+    deltas: DeltaOptions,
     json: bool,
     show: bool,
 ) -> Result<()> {
@@ -250,6 +284,7 @@ pub fn push(
             store,
             name,
             as_name.unwrap_or(name),
+            deltas,
             &|r: &TransferReport| bar.update(r),
         );
         let rep = res.with_context(|| format!("push {name} to {dest}"))?;
@@ -260,6 +295,7 @@ pub fn push(
             store,
             name,
             as_name.unwrap_or(name),
+            deltas,
             &|r: &TransferReport| bar.update(r),
         )
     })?;
@@ -385,8 +421,8 @@ pub fn bundle(
     store: &Arc<Store>,
     name: &str,
     output: &Path,
-    have: &[String],
-    have_file: Option<&Path>,
+    (have, have_file): (&[String], Option<&Path>),
+    deltas: DeltaOptions,
     json: bool,
     dry_run: bool,
 ) -> Result<()> {
@@ -400,7 +436,10 @@ pub fn bundle(
         None => Default::default(),
     };
     if dry_run {
-        return print_plan(&bundle::plan_bundle(store, name, have, &have_ids)?, json);
+        return print_plan(
+            &bundle::plan_bundle(store, name, have, &have_ids, deltas)?,
+            json,
+        );
     }
     let dir = output
         .parent()
@@ -408,7 +447,7 @@ pub fn bundle(
         .unwrap_or(Path::new("."));
     let tmp = tempfile::NamedTempFile::new_in(dir)?;
     let mut w = std::io::BufWriter::new(tmp.reopen()?);
-    let rep = bundle::write_bundle(store, name, have, &have_ids, &mut w)?;
+    let rep = bundle::write_bundle(store, name, have, &have_ids, deltas, &mut w)?;
     drop(w);
     tmp.as_file().sync_all()?;
     tmp.persist(output)
@@ -417,10 +456,11 @@ pub fn bundle(
         out!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
         out!(
-            "{}: bundle {} ({} chunks; {} skipped as the receiver has them), image {}",
+            "{}: bundle {} ({} chunks{}; {} skipped as the receiver has them), image {}",
             output.display(),
             HumanBytes(rep.wire_bytes_out),
             rep.chunks_sent,
+            delta_note(&rep),
             rep.chunks_skipped,
             HumanBytes(rep.image_bytes)
         );

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wharf_transport::http::HttpClient;
+use wharf_transport::send::DeltaOptions;
 
 fn wharf(store: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_wharf"));
@@ -174,7 +175,13 @@ fn push_interrupted_by_a_killed_server_resumes_without_resending() {
         let s = serve(&full_dst, Some(&token));
         HttpClient::connect(&s.url, Some("s3cret".into()))
             .unwrap()
-            .push(&src, "wharf-demo:v1", "v1", &|_| {})
+            .push(
+                &src,
+                "wharf-demo:v1",
+                "v1",
+                DeltaOptions::default(),
+                &|_| {},
+            )
             .unwrap()
     };
     // Small PUTs, one at a time; the server is SIGKILLed after the third.
@@ -187,14 +194,20 @@ fn push_interrupted_by_a_killed_server_resumes_without_resending() {
     c.in_flight = 1;
     let puts = Mutex::new(0u32);
     let started = Instant::now();
-    let res = c.push(&src, "wharf-demo:v1", "v1", &|_| {
-        let mut n = puts.lock().unwrap();
-        *n += 1;
-        if *n == 3 {
-            // Dropping the server kills it (SIGKILL) and reaps it.
-            drop(server.lock().unwrap().take());
-        }
-    });
+    let res = c.push(
+        &src,
+        "wharf-demo:v1",
+        "v1",
+        DeltaOptions::default(),
+        &|_| {
+            let mut n = puts.lock().unwrap();
+            *n += 1;
+            if *n == 3 {
+                // Dropping the server kills it (SIGKILL) and reaps it.
+                drop(server.lock().unwrap().take());
+            }
+        },
+    );
     assert!(res.is_err(), "the push survived its server's death");
     assert!(started.elapsed() < Duration::from_secs(60));
     let (first_out, _) = c.wire_bytes();

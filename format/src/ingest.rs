@@ -127,7 +127,7 @@ pub fn add(
         blake3,
         root,
         layers: std::mem::take(&mut ing.layers),
-        created: now_secs(),
+        created: 0,
     };
     let layers = recipe.layers.len();
     let recipe_id = writer.put(&recipe.encode())?;

@@ -8,6 +8,8 @@
 //! - [`list`], [`recipe`]: how a stored byte stream is described.
 //! - [`ingest`], [`extract`]: `add` and byte-identical rebuild.
 //! - [`gzip`]: gzip layers stored by their plaintext and rebuilt exactly (preflate).
+//! - [`delta`], [`similar`]: chunks sent as zstd deltas against bytes the
+//!   receiver holds, and finding those bytes.
 //! - [`maintenance`]: `verify`, `gc`, and per-image statistics.
 //!
 //! The byte layouts are specified in `spec/FORMAT.md` at the repository root.
@@ -15,6 +17,7 @@
 pub mod backend;
 pub mod chanread;
 pub mod chunker;
+pub mod delta;
 pub mod error;
 pub mod extract;
 pub mod gzip;
@@ -24,6 +27,7 @@ pub mod list;
 pub mod maintenance;
 pub mod pack;
 pub mod recipe;
+pub mod similar;
 pub mod skeleton;
 pub mod store;
 pub mod synth;

@@ -164,8 +164,15 @@ pub struct Recipe {
     /// The node of the whole tar.
     pub root: ChunkId,
     pub layers: Vec<LayerInfo>,
-    /// Unix seconds when the image was added.
+    /// Unix seconds when the image was added: written by wharf 0.1.0 before
+    /// recipes were made reproducible; 0 and left out since, so the same tar
+    /// gives the same recipe id in every store (the time lives in the ref).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub created: u64,
+}
+
+fn is_zero(x: &u64) -> bool {
+    *x == 0
 }
 
 impl Recipe {

@@ -2,7 +2,8 @@
 //! the names to publish, for a USB disk or scp; a have file tells the sender
 //! what the receiver holds.
 
-use crate::frame::{encode_chunk, read_frame, write_frame, Kind, WireChunk};
+use crate::frame::{read_frame, write_frame, Kind};
+use crate::send::{self, DeltaOptions};
 use crate::session::{PublishMsg, Receiver, TransferReport, FRAME_BYTES};
 use crate::walk;
 use crate::{Error, Result};
@@ -57,57 +58,45 @@ pub fn read_have(input: &mut dyn Read) -> Result<HashSet<ChunkId>> {
 
 /// Writes a bundle of image `name` without the chunks of the images in
 /// `have_names` (held by this store) and without the ids in `have_ids`.
+/// With `deltas` enabled, chunks go as deltas against the images in
+/// `have_names`, or against images of this store whose every chunk is in
+/// `have_ids`.
 pub fn write_bundle(
-    store: &Store,
+    store: &Arc<Store>,
     name: &str,
     have_names: &[String],
     have_ids: &HashSet<ChunkId>,
+    deltas: DeltaOptions,
     out: &mut dyn Write,
 ) -> Result<TransferReport> {
     let started = std::time::Instant::now();
     let r = store.require_ref(name)?;
-    let mut skip: HashSet<ChunkId> = HashSet::new();
-    for h in have_names {
-        let hr = store.require_ref(h)?;
-        skip.extend(walk::image_chunks(store, &hr.recipe, &HashSet::new())?);
-    }
-    let ids = walk::image_chunks(store, &r.recipe, &HashSet::new())?;
+    let bases = bundle_bases(store, name, have_names, have_ids)?;
+    let neg = send::negotiate(store, &r.recipe, &bases, &mut |ids, whole| {
+        Ok(ids.iter().map(|i| !whole && have_ids.contains(i)).collect())
+    })?;
     let mut rep = TransferReport {
         name: name.to_string(),
         image_bytes: r.len,
-        chunks_total: ids.len() as u64,
+        chunks_total: neg.total,
+        chunks_skipped: neg.total - neg.missing.len() as u64,
+        layers_skipped: neg.layers_skipped,
         ..Default::default()
     };
+    let planner = send::planner(store, &r.recipe, &bases, deltas)?;
     let mut out = crate::session::Counted {
         inner: out,
         count: 0,
     };
     out.write_all(BUNDLE_MAGIC).map_err(Error::Io)?;
-    let mut buf = Vec::new();
-    for id in ids {
-        if skip.contains(&id) || have_ids.contains(&id) {
-            rep.chunks_skipped += 1;
-            continue;
-        }
-        let (raw_len, stored) = store.read_stored(&id)?;
-        rep.payload_bytes += stored.len() as u64;
-        rep.chunks_sent += 1;
-        encode_chunk(
-            &mut buf,
-            &WireChunk {
-                id,
-                raw_len,
-                stored,
-            },
-        );
-        if buf.len() >= FRAME_BYTES {
-            write_frame(&mut out, Kind::Put, &buf)?;
-            buf.clear();
-        }
-    }
-    if !buf.is_empty() {
-        write_frame(&mut out, Kind::Put, &buf)?;
-    }
+    send::encode_chunks(
+        store,
+        planner.as_ref(),
+        &neg.missing,
+        FRAME_BYTES,
+        &mut rep,
+        &mut |kind, payload, _| write_frame(&mut out, kind, &payload),
+    )?;
     let msg = PublishMsg {
         name: name.to_string(),
         recipe: r.recipe,
@@ -123,6 +112,35 @@ pub fn write_bundle(
     rep.wire_bytes_out = out.count;
     rep.seconds = started.elapsed().as_secs_f64();
     Ok(rep)
+}
+
+/// Images the receiver of a bundle holds whole: those named with --have,
+/// and images of this store whose every chunk is in the have file.
+fn bundle_bases(
+    store: &Store,
+    name: &str,
+    have_names: &[String],
+    have_ids: &HashSet<ChunkId>,
+) -> Result<Vec<ChunkId>> {
+    let r = store.require_ref(name)?;
+    let mut bases: Vec<ChunkId> = Vec::new();
+    for h in have_names {
+        bases.push(store.require_ref(h)?.recipe);
+    }
+    if !have_ids.is_empty() {
+        for c in send::candidate_bases(store, name, &r.recipe)? {
+            if bases.len() >= send::MAX_BASE_IMAGES || !have_ids.contains(&c) {
+                continue;
+            }
+            if walk::image_chunks(store, &c, &HashSet::new())?
+                .iter()
+                .all(|i| have_ids.contains(i))
+            {
+                bases.push(c);
+            }
+        }
+    }
+    Ok(bases)
 }
 
 /// Applies a bundle: stores its chunks (each verified) and publishes its
@@ -147,6 +165,7 @@ pub fn read_bundle(store: &Arc<Store>, input: &mut dyn Read) -> Result<Vec<Strin
             };
             match f.kind {
                 Kind::Put => receiver.put(&f.payload)?,
+                Kind::PutDelta => receiver.put_delta(&f.payload)?,
                 Kind::Publish => {
                     let msg: PublishMsg = serde_json::from_slice(&f.payload)
                         .map_err(|e| Error::Protocol(format!("bad PUBLISH: {e}")))?;
@@ -171,29 +190,16 @@ pub fn read_bundle(store: &Arc<Store>, input: &mut dyn Read) -> Result<Vec<Strin
 
 /// What a bundle of `name` would carry, per layer, without writing it.
 pub fn plan_bundle(
-    store: &Store,
+    store: &Arc<Store>,
     name: &str,
     have_names: &[String],
     have_ids: &HashSet<ChunkId>,
+    deltas: DeltaOptions,
 ) -> Result<crate::walk::Plan> {
-    let mut skip: HashSet<ChunkId> = HashSet::new();
-    let mut layers: HashSet<ChunkId> = HashSet::new();
-    for h in have_names {
-        let hr = store.require_ref(h)?;
-        skip.extend(walk::image_chunks(store, &hr.recipe, &HashSet::new())?);
-        let rec = wharf_format::extract::load_recipe(store, &hr.recipe)?;
-        layers.extend(rec.layers.iter().map(|l| l.node));
-    }
-    walk::plan_push(store, name, &mut |ids, whole| {
-        Ok(ids
-            .iter()
-            .map(|i| {
-                if whole {
-                    layers.contains(i)
-                } else {
-                    skip.contains(i) || have_ids.contains(i)
-                }
-            })
-            .collect())
+    let r = store.require_ref(name)?;
+    let bases = bundle_bases(store, name, have_names, have_ids)?;
+    let planner = send::planner(store, &r.recipe, &bases, deltas)?;
+    walk::plan_push(store, name, &bases, planner.as_ref(), &mut |ids, whole| {
+        Ok(ids.iter().map(|i| !whole && have_ids.contains(i)).collect())
     })
 }

@@ -26,6 +26,8 @@ pub enum Kind {
     Put = 0x17,
     Publish = 0x18,
     Bye = 0x19,
+    /// Chunks as deltas against bases the receiver holds (PROTOCOL.md §9.2).
+    PutDelta = 0x1a,
 }
 
 impl Kind {
@@ -45,6 +47,7 @@ impl Kind {
             0x17 => Put,
             0x18 => Publish,
             0x19 => Bye,
+            0x1a => PutDelta,
             _ => return None,
         })
     }

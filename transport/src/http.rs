@@ -11,7 +11,9 @@
 //! client is blocking (ureq, plain HTTP only: no TLS in this build), with a
 //! few threads to keep several requests in flight.
 
+use crate::frame::Kind;
 use crate::frame::{bit, decode_chunks, encode_ids, MAX_FRAME};
+use crate::send::{self, DeltaOptions};
 use crate::session::{
     answer_has, answer_has_layers, check_hello, encode_stored, hello, Hello, PublishMsg, Receiver,
     TransferReport, BATCH_IDS, GET_BATCH, IN_FLIGHT,
@@ -302,6 +304,44 @@ async fn h_put(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiError> 
     .map(json)
 }
 
+async fn h_put_delta(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiError> {
+    let finish = s.finish.clone();
+    blocking(&s, move |store| {
+        let mut r = Receiver::new(store.clone());
+        r.put_delta(&body).map_err(|e| match e {
+            Error::Store(e @ wharf_format::Error::Corrupt(_)) => {
+                ApiError(StatusCode::BAD_REQUEST, e.to_string())
+            }
+            e => api(e),
+        })?;
+        let _one = finish.lock().map_err(|_| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "writer lock poisoned".into(),
+            )
+        })?;
+        r.flush().map_err(api)?;
+        // The chunks that could be rebuilt are stored; the client hears
+        // about the others and sends them whole.
+        if let Some(why) = &r.first_delta_failure {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!(
+                    "{} delta(s) could not be applied here, the first because: {why}",
+                    r.delta_failures
+                ),
+            ));
+        }
+        Ok(serde_json::to_vec(&serde_json::json!({
+            "received": r.received,
+            "new": r.new_chunks,
+        }))
+        .unwrap_or_default())
+    })
+    .await
+    .map(json)
+}
+
 async fn h_publish(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiError> {
     blocking(&s, move |store| {
         let msg: PublishMsg = serde_json::from_slice(&body)
@@ -332,6 +372,7 @@ pub fn router(store: Arc<Store>, tokens: Tokens) -> Router {
         .route("/v1/ref/{*name}", get(h_ref))
         .route("/v1/get", post(h_get))
         .route("/v1/put", post(h_put))
+        .route("/v1/put-delta", post(h_put_delta))
         .route("/v1/publish", post(h_publish))
         .fallback(|| async {
             ApiError(
@@ -520,51 +561,84 @@ impl HttpClient {
     }
 
     /// What pushing `name` would send, per layer, without sending it.
-    pub fn plan_push(&self, store: &Store, name: &str) -> Result<crate::walk::Plan> {
-        crate::walk::plan_push(store, name, &mut |ids, layers| self.ask_has(ids, layers))
+    pub fn plan_push(
+        &self,
+        store: &Arc<Store>,
+        name: &str,
+        deltas: DeltaOptions,
+    ) -> Result<crate::walk::Plan> {
+        send::plan(store, name, deltas, &mut |ids, layers| {
+            self.ask_has(ids, layers)
+        })
     }
 
-    /// Sends image `name` from `store` and publishes it on the server as `as_name`.
+    /// Sends image `name` from `store` and publishes it on the server as
+    /// `as_name`, with chunks as deltas where `deltas` allows; should the
+    /// server lack a base after all, the rest goes without deltas.
     pub fn push(
         &self,
-        store: &Store,
+        store: &Arc<Store>,
         name: &str,
         as_name: &str,
+        deltas: DeltaOptions,
+        progress: &(dyn Fn(&TransferReport) + Sync),
+    ) -> Result<TransferReport> {
+        match self.push_once(store, name, as_name, deltas, progress) {
+            Err(Error::Remote(m)) if deltas.enabled && m.contains("could not be applied") => self
+                .push_once(
+                    store,
+                    name,
+                    as_name,
+                    DeltaOptions {
+                        enabled: false,
+                        ..deltas
+                    },
+                    progress,
+                ),
+            other => other,
+        }
+    }
+
+    fn push_once(
+        &self,
+        store: &Arc<Store>,
+        name: &str,
+        as_name: &str,
+        deltas: DeltaOptions,
         progress: &(dyn Fn(&TransferReport) + Sync),
     ) -> Result<TransferReport> {
         let started = std::time::Instant::now();
         let r = store.require_ref(name)?;
-        let rep = Mutex::new(TransferReport {
-            name: as_name.to_string(),
-            image_bytes: r.len,
-            ..Default::default()
-        });
-        let snapshot = |f: &dyn Fn(&mut TransferReport)| -> TransferReport {
-            match rep.lock() {
-                Ok(mut g) => {
-                    f(&mut g);
-                    let (o, i) = self.wire_bytes();
-                    g.wire_bytes_out = o;
-                    g.wire_bytes_in = i;
-                    g.seconds = started.elapsed().as_secs_f64();
-                    g.clone()
-                }
-                Err(_) => TransferReport::default(),
-            }
+        let with_wire = |g: &TransferReport| -> TransferReport {
+            let mut g = g.clone();
+            let (o, i) = self.wire_bytes();
+            g.wire_bytes_out = o;
+            g.wire_bytes_in = i;
+            g.seconds = started.elapsed().as_secs_f64();
+            g
         };
         // A refused token is reported now, not as a broken pipe mid-upload.
         self.request("/v1/put", Some(&[]))?;
-        let (ids, have, layers_skipped) =
-            walk::negotiate_push(store, &r.recipe, &mut |ids, layers| {
-                self.ask_has(ids, layers)
-            })?;
-        snapshot(&|g| {
-            g.layers_skipped = layers_skipped;
-            g.chunks_total = ids.len() as u64;
-            g.chunks_skipped = have.iter().filter(|h| **h).count() as u64;
-        });
+        let mut ask = |ids: &[ChunkId], layers: bool| self.ask_has(ids, layers);
+        let bases = if deltas.enabled {
+            let cands = send::candidate_bases(store, name, &r.recipe)?;
+            send::held_bases(store, &cands, &mut ask)?
+        } else {
+            Vec::new()
+        };
+        let neg = send::negotiate(store, &r.recipe, &bases, &mut ask)?;
+        let mut rep = TransferReport {
+            name: as_name.to_string(),
+            image_bytes: r.len,
+            layers_skipped: neg.layers_skipped,
+            chunks_total: neg.total,
+            chunks_skipped: neg.total - neg.missing.len() as u64,
+            ..Default::default()
+        };
+        let planner = send::planner(store, &r.recipe, &bases, deltas)?;
+        let latest = Mutex::new(rep.clone());
         // Bodies are built here and sent by `in_flight` threads.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(self.in_flight);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(Kind, Vec<u8>)>(self.in_flight);
         let rx = Mutex::new(rx);
         let failure: Mutex<Option<Error>> = Mutex::new(None);
         let failed = AtomicBool::new(false);
@@ -575,15 +649,24 @@ impl HttpClient {
                         Ok(r) => r.recv(),
                         Err(_) => return,
                     };
-                    let Ok(body) = body else { return };
+                    let Ok((kind, body)) = body else { return };
                     // After a failure, bodies are drained unsent until the
                     // producer stops: a sender blocked on a full channel with
                     // no one receiving would wait forever.
                     if failed.load(Ordering::Relaxed) {
                         continue;
                     }
-                    match self.request("/v1/put", Some(&body)) {
-                        Ok(_) => progress(&snapshot(&|_| {})),
+                    let path = if kind == Kind::PutDelta {
+                        "/v1/put-delta"
+                    } else {
+                        "/v1/put"
+                    };
+                    match self.request(path, Some(&body)) {
+                        Ok(_) => {
+                            if let Ok(g) = latest.lock() {
+                                progress(&with_wire(&g));
+                            }
+                        }
                         Err(e) => {
                             failed.store(true, Ordering::Relaxed);
                             if let Ok(mut f) = failure.lock() {
@@ -593,41 +676,29 @@ impl HttpClient {
                     }
                 });
             }
-            let mut buf = Vec::new();
-            let mut result = Ok(());
-            for (id, has) in ids.iter().zip(&have) {
-                if *has {
-                    continue;
-                }
-                if failed.load(Ordering::Relaxed) {
-                    break;
-                }
-                match encode_stored(store, id, &mut buf) {
-                    Ok(n) => {
-                        snapshot(&|g| {
-                            g.payload_bytes += n;
-                            g.chunks_sent += 1;
-                        });
+            let result = send::encode_chunks(
+                store,
+                planner.as_ref(),
+                &neg.missing,
+                self.put_bytes,
+                &mut rep,
+                &mut |kind, body, rep| {
+                    if let Ok(mut g) = latest.lock() {
+                        *g = rep.clone();
                     }
-                    Err(e) => {
-                        result = Err(e);
-                        break;
+                    if failed.load(Ordering::Relaxed) || tx.send((kind, body)).is_err() {
+                        return Err(Error::Protocol("upload stopped".into()));
                     }
-                }
-                if buf.len() >= self.put_bytes && tx.send(std::mem::take(&mut buf)).is_err() {
-                    break;
-                }
-            }
-            if result.is_ok() && !buf.is_empty() && !failed.load(Ordering::Relaxed) {
-                let _ = tx.send(buf);
-            }
+                    Ok(())
+                },
+            );
             drop(tx);
             result
         });
-        produced?;
         if let Some(e) = failure.lock().ok().and_then(|mut f| f.take()) {
             return Err(e);
         }
+        produced?;
         let msg = PublishMsg {
             name: as_name.to_string(),
             recipe: r.recipe,
@@ -637,7 +708,7 @@ impl HttpClient {
             "/v1/publish",
             Some(&serde_json::to_vec(&msg).unwrap_or_default()),
         )?;
-        let out = snapshot(&|_| {});
+        let out = with_wire(&rep);
         progress(&out);
         Ok(out)
     }

@@ -15,6 +15,7 @@
 pub mod bundle;
 pub mod frame;
 pub mod http;
+pub mod send;
 pub mod session;
 pub mod walk;
 

@@ -5,12 +5,15 @@ use crate::frame::{
     bit, bitmap, decode_chunks, decode_ids, encode_chunk, encode_ids, read_frame, write_frame,
     Kind, WireChunk,
 };
+use crate::send::{self, DeltaOptions};
 use crate::walk;
 use crate::{Error, Result, PROTOCOL_VERSION};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashSet, VecDeque};
 use std::io::{Read, Write};
 use std::sync::Arc;
+use wharf_format::delta::BaseResolver;
 use wharf_format::store::{ChunkWriter, RefValue};
 use wharf_format::{ChunkId, Store};
 
@@ -53,8 +56,15 @@ pub struct TransferReport {
     pub chunks_sent: u64,
     pub chunks_skipped: u64,
     pub layers_skipped: u64,
-    /// Bytes of chunk payload moved (compressed, as stored).
+    /// Bytes of chunk payload moved: chunks as stored plus delta frames.
     pub payload_bytes: u64,
+    /// Chunks sent as deltas, and the bytes of their frames.
+    pub delta_chunks: u64,
+    pub delta_bytes: u64,
+    /// Uncompressed bytes of the chunks sent as deltas, and what they would
+    /// have cost as stored.
+    pub delta_raw_bytes: u64,
+    pub delta_instead_of: u64,
     /// Every byte written to and read from the stream, framing included.
     pub wire_bytes_out: u64,
     pub wire_bytes_in: u64,
@@ -129,8 +139,14 @@ pub(crate) fn check_hello(payload: &[u8]) -> Result<Hello> {
 pub struct Receiver {
     store: Arc<Store>,
     writer: Option<ChunkWriter>,
+    resolver: Option<Arc<BaseResolver>>,
     pub received: u64,
     pub new_chunks: u64,
+    /// Deltas that could not be applied (a base missing here, or corrupt),
+    /// and the first reason: their chunks stay missing, so PUBLISH says so
+    /// and the sender sends them whole.
+    pub delta_failures: u64,
+    pub first_delta_failure: Option<String>,
 }
 
 impl Receiver {
@@ -138,12 +154,46 @@ impl Receiver {
         Receiver {
             store,
             writer: None,
+            resolver: None,
             received: 0,
             new_chunks: 0,
+            delta_failures: 0,
+            first_delta_failure: None,
         }
     }
 
-    pub fn put(&mut self, payload: &[u8]) -> Result<()> {
+    /// Rebuilds the chunks of a PUT_DELTA payload from bases in this store,
+    /// checks each against its hash, and stores it as an ordinary chunk.
+    pub fn put_delta(&mut self, payload: &[u8]) -> Result<()> {
+        let deltas = wharf_format::delta::decode_frame(payload)?;
+        let resolver = self
+            .resolver
+            .get_or_insert_with(|| Arc::new(BaseResolver::new(self.store.clone())))
+            .clone();
+        let rebuilt: Vec<_> = deltas.par_iter().map(|d| resolver.apply(d)).collect();
+        self.received += rebuilt.len() as u64;
+        let w = self.writer()?;
+        let mut new = 0;
+        let mut failures = Vec::new();
+        for r in rebuilt {
+            match r {
+                Ok((id, raw)) => {
+                    if w.put_with_id(id, &raw)? {
+                        new += 1;
+                    }
+                }
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        self.new_chunks += new;
+        self.delta_failures += failures.len() as u64;
+        if self.first_delta_failure.is_none() {
+            self.first_delta_failure = failures.into_iter().next();
+        }
+        Ok(())
+    }
+
+    fn writer(&mut self) -> Result<&ChunkWriter> {
         if self.writer.is_none() {
             self.writer = Some(ChunkWriter::with_pack_target(
                 self.store.clone(),
@@ -151,17 +201,23 @@ impl Receiver {
                 RECEIVE_PACK_TARGET,
             )?);
         }
-        let Some(w) = self.writer.as_ref() else {
-            return Err(Error::Protocol("no writer".into()));
-        };
+        self.writer
+            .as_ref()
+            .ok_or_else(|| Error::Protocol("no writer".into()))
+    }
+
+    pub fn put(&mut self, payload: &[u8]) -> Result<()> {
+        let w = self.writer()?;
         let chunks = decode_chunks(payload)?;
-        self.received += chunks.len() as u64;
-        self.new_chunks += w.put_stored_many(
+        let n = chunks.len() as u64;
+        let new = w.put_stored_many(
             chunks
                 .into_iter()
                 .map(|c| (c.id, c.raw_len, c.stored))
                 .collect(),
         )?;
+        self.received += n;
+        self.new_chunks += new;
         Ok(())
     }
 
@@ -178,8 +234,15 @@ impl Receiver {
         self.flush()?;
         let missing = walk::missing(&self.store, &msg.recipe)?;
         if !missing.is_empty() {
+            let deltas = match &self.first_delta_failure {
+                Some(why) => format!(
+                    "; {} delta(s) could not be applied here, the first because: {why}",
+                    self.delta_failures
+                ),
+                None => String::new(),
+            };
             return Err(Error::Protocol(format!(
-                "cannot publish {:?}: {} chunk(s) of its recipe are missing here (first: {})",
+                "cannot publish {:?}: {} chunk(s) of its recipe are missing here (first: {}){deltas}",
                 msg.name,
                 missing.len(),
                 missing[0]
@@ -328,13 +391,30 @@ fn serve_loop(
                 }
                 receiver.put(&f.payload)?;
             }
+            Kind::PutDelta => {
+                if read_only {
+                    return Err(Error::Protocol("this server is read-only".into()));
+                }
+                receiver.put_delta(&f.payload)?;
+            }
             Kind::Publish => {
                 if read_only {
                     return Err(Error::Protocol("this server is read-only".into()));
                 }
                 let msg: PublishMsg = serde_json::from_slice(&f.payload)
                     .map_err(|e| Error::Protocol(format!("bad PUBLISH: {e}")))?;
-                receiver.publish(&msg)?;
+                // An incomplete recipe is answered, not fatal: the client
+                // may send what is missing and publish again.
+                if let Err(e) = receiver.publish(&msg) {
+                    match e {
+                        Error::Protocol(m) if m.starts_with("cannot publish") => {
+                            write_frame(output, Kind::Error, m.as_bytes())?;
+                            output.flush().map_err(Error::Io)?;
+                            continue;
+                        }
+                        e => return Err(e),
+                    }
+                }
                 complete = None;
                 write_frame(
                     output,
@@ -406,18 +486,29 @@ impl<R: Read, W: Write> Client<R, W> {
     }
 
     /// What pushing `name` would send, per layer, without sending it.
-    pub fn plan_push(&mut self, store: &Store, name: &str) -> Result<walk::Plan> {
-        let plan = walk::plan_push(store, name, &mut |ids, layers| self.ask_has(ids, layers))?;
+    pub fn plan_push(
+        &mut self,
+        store: &Arc<Store>,
+        name: &str,
+        deltas: DeltaOptions,
+    ) -> Result<walk::Plan> {
+        let plan = send::plan(store, name, deltas, &mut |ids, layers| {
+            self.ask_has(ids, layers)
+        })?;
         self.send(Kind::Bye, &[])?;
         Ok(plan)
     }
 
-    /// Sends image `name` from `store` and publishes it on the server as `as_name`.
+    /// Sends image `name` from `store` and publishes it on the server as
+    /// `as_name`, with chunks as deltas where `deltas` allows. Should the
+    /// server lack a base after all, the push goes on without deltas: what
+    /// arrived is kept and only the rest is sent.
     pub fn push(
         &mut self,
-        store: &Store,
+        store: &Arc<Store>,
         name: &str,
         as_name: &str,
+        deltas: DeltaOptions,
         progress: &dyn Fn(&TransferReport),
     ) -> Result<TransferReport> {
         if self.server.read_only {
@@ -427,36 +518,68 @@ impl<R: Read, W: Write> Client<R, W> {
             ));
         }
         let started = std::time::Instant::now();
+        let mut rep = match self.push_once(store, name, as_name, deltas, progress) {
+            Err(Error::Remote(m)) if deltas.enabled && m.contains("could not be applied") => self
+                .push_once(
+                store,
+                name,
+                as_name,
+                DeltaOptions {
+                    enabled: false,
+                    ..deltas
+                },
+                progress,
+            )?,
+            other => other?,
+        };
+        self.send(Kind::Bye, &[])?;
+        rep.wire_bytes_out = self.output.count;
+        rep.wire_bytes_in = self.input.count;
+        rep.seconds = started.elapsed().as_secs_f64();
+        progress(&rep);
+        Ok(rep)
+    }
+
+    fn push_once(
+        &mut self,
+        store: &Arc<Store>,
+        name: &str,
+        as_name: &str,
+        deltas: DeltaOptions,
+        progress: &dyn Fn(&TransferReport),
+    ) -> Result<TransferReport> {
         let r = store.require_ref(name)?;
-        let (ids, have, layers_skipped) =
-            walk::negotiate_push(store, &r.recipe, &mut |ids, layers| {
-                self.ask_has(ids, layers)
-            })?;
+        let mut ask = |ids: &[ChunkId], layers: bool| self.ask_has(ids, layers);
+        let bases = if deltas.enabled {
+            let cands = send::candidate_bases(store, name, &r.recipe)?;
+            send::held_bases(store, &cands, &mut ask)?
+        } else {
+            Vec::new()
+        };
+        let neg = send::negotiate(store, &r.recipe, &bases, &mut ask)?;
         let mut rep = TransferReport {
             name: as_name.to_string(),
             image_bytes: r.len,
-            layers_skipped,
-            chunks_total: ids.len() as u64,
+            layers_skipped: neg.layers_skipped,
+            chunks_total: neg.total,
+            chunks_skipped: neg.total - neg.missing.len() as u64,
             ..Default::default()
         };
-        let mut buf = Vec::new();
-        for (id, has) in ids.iter().zip(have) {
-            if has {
-                rep.chunks_skipped += 1;
-                continue;
-            }
-            rep.payload_bytes += encode_stored(store, id, &mut buf)?;
-            rep.chunks_sent += 1;
-            if buf.len() >= FRAME_BYTES {
-                self.send(Kind::Put, &buf)?;
-                buf.clear();
-                rep.wire_bytes_out = self.output.count;
-                progress(&rep);
-            }
-        }
-        if !buf.is_empty() {
-            self.send(Kind::Put, &buf)?;
-        }
+        let planner = send::planner(store, &r.recipe, &bases, deltas)?;
+        send::encode_chunks(
+            store,
+            planner.as_ref(),
+            &neg.missing,
+            FRAME_BYTES,
+            &mut rep,
+            &mut |kind, payload, rep| {
+                self.send(kind, &payload)?;
+                let mut snap = rep.clone();
+                snap.wire_bytes_out = self.output.count;
+                progress(&snap);
+                Ok(())
+            },
+        )?;
         let msg = PublishMsg {
             name: as_name.to_string(),
             recipe: r.recipe,
@@ -464,11 +587,6 @@ impl<R: Read, W: Write> Client<R, W> {
         };
         self.send(Kind::Publish, &serde_json::to_vec(&msg).unwrap_or_default())?;
         expect(&mut self.input, Kind::Ok)?;
-        self.send(Kind::Bye, &[])?;
-        rep.wire_bytes_out = self.output.count;
-        rep.wire_bytes_in = self.input.count;
-        rep.seconds = started.elapsed().as_secs_f64();
-        progress(&rep);
         Ok(rep)
     }
 

@@ -1,10 +1,12 @@
 //! Which chunks an image consists of, and which of them a store lacks.
 
 use crate::Result;
+use rayon::prelude::*;
 use std::collections::HashSet;
 use wharf_format::extract::load_recipe;
 use wharf_format::list::{ListReader, StreamRef};
 use wharf_format::recipe::{Node, NodeBody};
+use wharf_format::similar::DeltaPlanner;
 use wharf_format::{ChunkId, Store};
 
 /// Every chunk id the image `recipe` uses (recipe, nodes, block maps, list
@@ -202,8 +204,14 @@ pub struct LayerPlan {
     pub whole_layer_present: bool,
     pub chunks: u64,
     pub missing_chunks: u64,
-    /// Compressed bytes of the missing chunks: what would cross the wire.
+    /// Bytes the missing chunks would cost on the wire: as stored, or as
+    /// deltas where those are smaller.
     pub missing_bytes: u64,
+    /// Of the missing chunks, those that would go as deltas, their bytes,
+    /// and what they would have cost as stored.
+    pub delta_chunks: u64,
+    pub delta_bytes: u64,
+    pub delta_instead_of: u64,
 }
 
 #[derive(serde::Serialize, Debug, Default, Clone)]
@@ -216,22 +224,65 @@ pub struct Plan {
     pub other_missing_chunks: u64,
     pub other_missing_bytes: u64,
     pub total_missing_bytes: u64,
+    pub delta_chunks: u64,
+    pub delta_bytes: u64,
+    /// Images the receiver holds that deltas would be made against.
+    pub delta_bases: Vec<String>,
 }
 
 /// Answers which of some ids the receiver holds; with `true`, as complete
 /// layers of published images.
 pub type HasOracle<'a> = dyn FnMut(&[ChunkId], bool) -> Result<Vec<bool>> + 'a;
 
+/// The wire cost of each of `ids` and whether it would go as a delta.
+fn costs(
+    store: &Store,
+    planner: Option<&DeltaPlanner>,
+    ids: &[ChunkId],
+) -> Result<Vec<(u64, Option<u64>)>> {
+    ids.par_iter()
+        .map(|id| {
+            let stored = store.lookup(id).map(|l| l.stored_len as u64).unwrap_or(0);
+            match planner {
+                Some(p) if p.knows(id) => Ok(match p.encode(id, stored as usize)? {
+                    Some(d) => (stored, Some(delta_entry_len(&d) as u64)),
+                    None => (stored, None),
+                }),
+                _ => Ok((stored, None)),
+            }
+        })
+        .collect()
+}
+
 /// Computes what pushing `name` would send, asking `has(ids, layers)` which
-/// ids the receiver holds (`layers`: as complete layers). Chunks shared by
-/// several layers count in the first.
-pub fn plan_push(store: &Store, name: &str, has: &mut HasOracle<'_>) -> Result<Plan> {
+/// ids the receiver holds (`layers`: as complete layers). `bases` are images
+/// the receiver holds whole (their chunks are not asked about), and with a
+/// `planner` the missing chunks are priced as deltas where smaller. Chunks
+/// shared by several layers count in the first.
+pub fn plan_push(
+    store: &Store,
+    name: &str,
+    bases: &[ChunkId],
+    planner: Option<&DeltaPlanner>,
+    has: &mut HasOracle<'_>,
+) -> Result<Plan> {
     let r = store.require_ref(name)?;
     let rec = load_recipe(store, &r.recipe)?;
+    let mut known: HashSet<ChunkId> = HashSet::new();
+    for b in bases {
+        known.extend(image_chunks(store, b, &HashSet::new())?);
+    }
+    let mut ask = |ids: &[ChunkId], whole: bool| -> Result<Vec<bool>> {
+        let unknown: Vec<ChunkId> = ids.iter().filter(|i| !known.contains(i)).copied().collect();
+        let mut answers = has(&unknown, whole)?.into_iter();
+        Ok(ids
+            .iter()
+            .map(|i| known.contains(i) || answers.next().unwrap_or(false))
+            .collect())
+    };
     let layer_ids: Vec<ChunkId> = rec.layers.iter().map(|l| l.node).collect();
-    let present = has(&layer_ids, true)?;
+    let present = ask(&layer_ids, true)?;
     let all_layers: HashSet<ChunkId> = layer_ids.iter().copied().collect();
-    let stored = |id: &ChunkId| store.lookup(id).map(|l| l.stored_len as u64).unwrap_or(0);
     let mut seen: HashSet<ChunkId> = HashSet::new();
     let mut plan = Plan {
         name: name.to_string(),
@@ -249,24 +300,74 @@ pub fn plan_push(store: &Store, name: &str, has: &mut HasOracle<'_>) -> Result<P
             let mut ids = Vec::new();
             subtree_chunks(store, &l.node, &mut seen, &mut ids)?;
             lp.chunks = ids.len() as u64;
-            for (id, h) in ids.iter().zip(has(&ids, false)?) {
-                if !h {
-                    lp.missing_chunks += 1;
-                    lp.missing_bytes += stored(id);
+            let held = ask(&ids, false)?;
+            let missing: Vec<ChunkId> = ids
+                .iter()
+                .zip(held)
+                .filter(|(_, h)| !h)
+                .map(|(i, _)| *i)
+                .collect();
+            lp.missing_chunks = missing.len() as u64;
+            for (stored, d) in costs(store, planner, &missing)? {
+                match d {
+                    Some(d) => {
+                        lp.delta_chunks += 1;
+                        lp.delta_bytes += d;
+                        lp.delta_instead_of += stored;
+                        lp.missing_bytes += d;
+                    }
+                    None => lp.missing_bytes += stored,
                 }
             }
         }
         plan.total_missing_bytes += lp.missing_bytes;
+        plan.delta_chunks += lp.delta_chunks;
+        plan.delta_bytes += lp.delta_bytes;
         plan.layers.push(lp);
     }
     let mut rest = image_chunks(store, &r.recipe, &all_layers)?;
     rest.retain(|id| seen.insert(*id));
-    for (id, h) in rest.iter().zip(has(&rest, false)?) {
-        if !h {
-            plan.other_missing_chunks += 1;
-            plan.other_missing_bytes += stored(id);
+    let held = ask(&rest, false)?;
+    let missing: Vec<ChunkId> = rest
+        .iter()
+        .zip(held)
+        .filter(|(_, h)| !h)
+        .map(|(i, _)| *i)
+        .collect();
+    plan.other_missing_chunks = missing.len() as u64;
+    for (stored, d) in costs(store, planner, &missing)? {
+        plan.other_missing_bytes += d.unwrap_or(stored);
+        if let Some(d) = d {
+            plan.delta_chunks += 1;
+            plan.delta_bytes += d;
         }
     }
     plan.total_missing_bytes += plan.other_missing_bytes;
+    for b in bases {
+        let names: Vec<String> = store
+            .list_refs()?
+            .into_iter()
+            .filter(|(_, r)| r.recipe == *b)
+            .map(|(n, _)| n)
+            .collect();
+        plan.delta_bases.extend(names.into_iter().take(1));
+    }
+    if planner.is_none() {
+        plan.delta_bases.clear();
+    }
     Ok(plan)
+}
+
+/// Bytes one delta adds to a PUT_DELTA frame, its node table aside.
+fn delta_entry_len(d: &wharf_format::delta::DeltaChunk) -> usize {
+    let with = wharf_format::delta::encode_frame(std::slice::from_ref(d)).len();
+    let nodes: HashSet<ChunkId> = d
+        .bases
+        .iter()
+        .filter_map(|b| match b {
+            wharf_format::delta::BaseRef::Range { node, .. } => Some(*node),
+            _ => None,
+        })
+        .collect();
+    with - 1 - 32 * nodes.len()
 }

@@ -7,6 +7,7 @@ use wharf_format::ingest::{self, AddOptions};
 use wharf_format::store::{Store, StoreConfig};
 use wharf_format::synth::{self, Layout, Scale, Version};
 use wharf_transport::http::{self, HttpClient, Tokens};
+use wharf_transport::send::DeltaOptions;
 
 fn store(dir: &tempfile::TempDir, name: &str) -> Arc<Store> {
     Arc::new(Store::init(&dir.path().join(name), StoreConfig::default()).unwrap())
@@ -62,12 +63,16 @@ fn push_and_pull_over_http_rebuild_exactly_and_send_only_what_is_missing() {
     let url = serve(&dst, tokens(Some("push-secret"), None));
     let c = client(&url, Some("push-secret"));
     assert!(!c.server.read_only);
-    let r1 = c.push(&src, "v1", "v1", &|_| {}).unwrap();
+    let r1 = c
+        .push(&src, "v1", "v1", DeltaOptions::default(), &|_| {})
+        .unwrap();
     assert!(r1.chunks_sent > 0 && r1.chunks_skipped == 0, "{r1:?}");
     assert!(r1.wire_bytes_out >= r1.payload_bytes);
     assert_eq!(extract(&dst, "v1"), v1);
     let c = client(&url, Some("push-secret"));
-    let r2 = c.push(&src, "v2", "v2", &|_| {}).unwrap();
+    let r2 = c
+        .push(&src, "v2", "v2", DeltaOptions::default(), &|_| {})
+        .unwrap();
     assert_eq!(extract(&dst, "v2"), v2);
     assert!(r2.layers_skipped >= 1, "{r2:?}");
     assert!(
@@ -78,7 +83,9 @@ fn push_and_pull_over_http_rebuild_exactly_and_send_only_what_is_missing() {
     );
     // The same image again: no chunk moves, only a few hashes.
     let c = client(&url, Some("push-secret"));
-    let r3 = c.push(&src, "v2", "again", &|_| {}).unwrap();
+    let r3 = c
+        .push(&src, "v2", "again", DeltaOptions::default(), &|_| {})
+        .unwrap();
     assert_eq!((r3.chunks_sent, r3.payload_bytes), (0, 0), "{r3:?}");
     assert!(r3.wire_bytes_out < 4096, "{r3:?}");
     assert_eq!(extract(&dst, "again"), v2);
@@ -118,7 +125,7 @@ fn tokens_are_enforced_and_refused_pushes_store_nothing() {
         (Some("read-secret"), "HTTP 403"),
     ] {
         let e = client(&url, token)
-            .push(&src, "v1", "v1", &|_| {})
+            .push(&src, "v1", "v1", DeltaOptions::default(), &|_| {})
             .unwrap_err();
         let m = status_of(e);
         assert!(m.starts_with(want), "token {token:?}: {m}");
@@ -126,7 +133,7 @@ fn tokens_are_enforced_and_refused_pushes_store_nothing() {
     assert!(dst.list_refs().unwrap().is_empty());
     assert_eq!(packs(&d, "dst"), 0, "a refused push stored something");
     client(&url, Some("push-secret"))
-        .push(&src, "v1", "v1", &|_| {})
+        .push(&src, "v1", "v1", DeltaOptions::default(), &|_| {})
         .unwrap();
     // Reads need the read token here.
     let third = store(&d, "third");
@@ -151,7 +158,10 @@ fn tokens_are_enforced_and_refused_pushes_store_nothing() {
     let ro_url = serve(&ro, tokens(None, None));
     let c = client(&ro_url, Some("push-secret"));
     assert!(c.server.read_only);
-    let m = status_of(c.push(&src, "v1", "v1", &|_| {}).unwrap_err());
+    let m = status_of(
+        c.push(&src, "v1", "v1", DeltaOptions::default(), &|_| {})
+            .unwrap_err(),
+    );
     assert!(m.starts_with("HTTP 403") && m.contains("read-only"), "{m}");
     assert!(ro.list_refs().unwrap().is_empty());
     assert_eq!(packs(&d, "ro"), 0);

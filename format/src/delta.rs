@@ -1,0 +1,536 @@
+//! Deltas: a chunk carried as a zstd frame that refers back to bytes the
+//! receiver already holds.
+//!
+//! A rebuilt image changes a few bytes inside many chunks (a `.pyc` header's
+//! mtime, a line of dpkg's status file, every tar header's mtime). Chunk-level
+//! dedup must then send each such chunk whole; a delta sends only what
+//! changed. The encoding is plain zstd: the target chunk compressed with the
+//! concatenation of its *bases* as a raw prefix (`ZSTD_CCtx_refPrefix`), so
+//! any zstd library can decode it given the same bytes.
+//!
+//! Bases are named, never shipped: either a whole chunk by its id, or a byte
+//! range of one stream (skeleton, data, or gzip reconstruction stream) of a
+//! node, the node named by its id. Naming a range costs a few bytes where
+//! naming every chunk under it would cost 32 bytes each. The receiver
+//! rebuilds the chunk, checks its BLAKE3 against the check value sent with it,
+//! and stores it as an ordinary chunk, so reading it later costs nothing
+//! extra. The byte layout is in `spec/PROTOCOL.md` §9.2.
+
+use crate::error::{Error, Result};
+use crate::hash::ChunkId;
+use crate::list::{Entry, ListReader, StreamRef};
+use crate::recipe::{Node, NodeBody};
+use crate::skeleton::put_varint;
+use crate::store::{Store, MAX_CHUNK_LEN};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use zstd::zstd_safe::{CCtx, CParameter, DCtx, DParameter};
+
+/// Most base bytes one delta may refer to. A receiver refuses more, so a
+/// hostile sender cannot make it assemble gigabytes for one chunk.
+pub const MAX_BASE_BYTES: u64 = 8 << 20;
+/// Most base references in one delta.
+pub const MAX_BASES: usize = 64;
+/// Most node ids in one frame's table.
+pub const MAX_NODES: usize = 65_536;
+/// Bytes of the target's BLAKE3 sent with a delta: the receiver computes the
+/// full hash of what it rebuilt and compares this prefix. A wrong rebuild is
+/// caught with probability 1 - 2^-64, and even a rebuild that slipped through
+/// would be stored under its own true id, referenced by nothing.
+pub const CHECK_LEN: usize = 8;
+
+/// Which stream of a node a base range lies in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StreamKind {
+    /// A tar node's skeleton (headers, padding, records).
+    Skeleton = 0,
+    /// A tar node's file contents, or a raw node's bytes.
+    Data = 1,
+    /// A gzip node's reconstruction stream.
+    Recon = 2,
+}
+
+impl StreamKind {
+    fn from_u8(b: u8) -> Option<StreamKind> {
+        match b {
+            0 => Some(StreamKind::Skeleton),
+            1 => Some(StreamKind::Data),
+            2 => Some(StreamKind::Recon),
+            _ => None,
+        }
+    }
+
+    /// The stream of this kind in `node`, if it has one.
+    pub fn of(self, node: &Node) -> Option<&StreamRef> {
+        match (&node.body, self) {
+            (NodeBody::Tar { skeleton, .. }, StreamKind::Skeleton) => Some(skeleton),
+            (NodeBody::Tar { data, .. }, StreamKind::Data) => Some(data),
+            (NodeBody::Raw { data }, StreamKind::Data) => Some(data),
+            (NodeBody::Gzip { recon, .. }, StreamKind::Recon) => Some(recon),
+            _ => None,
+        }
+    }
+}
+
+/// Bytes the receiver already holds, named.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BaseRef {
+    /// A whole chunk.
+    Chunk(ChunkId),
+    /// `len` bytes at offset `off` of one stream of node `node`.
+    Range {
+        node: ChunkId,
+        stream: StreamKind,
+        off: u64,
+        len: u64,
+    },
+}
+
+/// A chunk as a delta: what a sender puts on the wire.
+#[derive(Clone, Debug)]
+pub struct DeltaChunk {
+    pub id: ChunkId,
+    pub raw_len: u32,
+    pub bases: Vec<BaseRef>,
+    /// A zstd frame of the chunk, compressed with the bases as prefix.
+    pub delta: Vec<u8>,
+}
+
+/// A delta as read from the wire: the chunk's id is known only by its check
+/// prefix until it has been rebuilt.
+#[derive(Clone, Debug)]
+pub struct WireDelta {
+    pub check: [u8; CHECK_LEN],
+    pub raw_len: u32,
+    pub bases: Vec<BaseRef>,
+    pub delta: Vec<u8>,
+}
+
+fn zstd_err(what: &str, code: usize) -> Error {
+    Error::Corrupt(format!("{what}: {}", zstd::zstd_safe::get_error_name(code)))
+}
+
+/// Compresses `target` with `base` as prefix at zstd `level`.
+pub fn encode(base: &[u8], target: &[u8], level: i32) -> Result<Vec<u8>> {
+    let mut cctx = CCtx::create();
+    let window = (base.len() + target.len()).max(1 << 10);
+    let wlog = (usize::BITS - (window - 1).leading_zeros()).clamp(10, 27);
+    let set = |c: &mut CCtx, p| c.set_parameter(p).map_err(|e| zstd_err("zstd setup", e));
+    set(&mut cctx, CParameter::CompressionLevel(level))?;
+    set(&mut cctx, CParameter::WindowLog(wlog))?;
+    set(&mut cctx, CParameter::ChecksumFlag(false))?;
+    set(&mut cctx, CParameter::ContentSizeFlag(true))?;
+    set(&mut cctx, CParameter::DictIdFlag(false))?;
+    cctx.ref_prefix(base)
+        .map_err(|e| zstd_err("zstd prefix", e))?;
+    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(target.len()));
+    cctx.compress2(&mut out, target)
+        .map_err(|e| zstd_err("zstd delta", e))?;
+    Ok(out)
+}
+
+/// Rebuilds a chunk of `raw_len` bytes from its delta and base.
+pub fn decode(base: &[u8], delta: &[u8], raw_len: usize) -> Result<Vec<u8>> {
+    if raw_len > MAX_CHUNK_LEN {
+        return Err(Error::Corrupt(format!(
+            "delta of a {raw_len}-byte chunk: larger than any chunk"
+        )));
+    }
+    let mut dctx = DCtx::create();
+    dctx.set_parameter(DParameter::WindowLogMax(27))
+        .map_err(|e| zstd_err("zstd setup", e))?;
+    dctx.ref_prefix(base)
+        .map_err(|e| zstd_err("zstd prefix", e))?;
+    let mut out = Vec::with_capacity(raw_len);
+    let n = dctx
+        .decompress(&mut out, delta)
+        .map_err(|e| zstd_err("cannot decode delta", e))?;
+    if n != raw_len {
+        return Err(Error::Corrupt(format!(
+            "delta rebuilt {n} bytes where {raw_len} were announced"
+        )));
+    }
+    Ok(out)
+}
+
+fn get_varint(b: &[u8], pos: &mut usize) -> Result<u64> {
+    let mut v: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let x = *b
+            .get(*pos)
+            .ok_or_else(|| Error::Corrupt("delta frame ends inside a number".into()))?;
+        *pos += 1;
+        v |= ((x & 0x7f) as u64) << shift;
+        if x & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err(Error::Corrupt("delta frame: number too long".into()))
+}
+
+fn take<'a>(b: &'a [u8], pos: &mut usize, n: usize) -> Result<&'a [u8]> {
+    let end = pos
+        .checked_add(n)
+        .filter(|&e| e <= b.len())
+        .ok_or_else(|| Error::Corrupt("delta frame is truncated".into()))?;
+    let s = &b[*pos..end];
+    *pos = end;
+    Ok(s)
+}
+
+/// Encodes deltas into one frame payload: a table of the node ids that
+/// ranges refer to, then the deltas.
+pub fn encode_frame(chunks: &[DeltaChunk]) -> Vec<u8> {
+    let mut nodes: Vec<ChunkId> = Vec::new();
+    let mut index: HashMap<ChunkId, u64> = HashMap::new();
+    for c in chunks {
+        for b in &c.bases {
+            if let BaseRef::Range { node, .. } = b {
+                index.entry(*node).or_insert_with(|| {
+                    nodes.push(*node);
+                    nodes.len() as u64 - 1
+                });
+            }
+        }
+    }
+    let mut out = Vec::new();
+    put_varint(&mut out, nodes.len() as u64);
+    for n in &nodes {
+        out.extend_from_slice(&n.0);
+    }
+    for c in chunks {
+        out.extend_from_slice(&c.id.0[..CHECK_LEN]);
+        put_varint(&mut out, c.raw_len as u64);
+        put_varint(&mut out, c.bases.len() as u64);
+        for b in &c.bases {
+            match b {
+                BaseRef::Chunk(id) => {
+                    out.push(0);
+                    out.extend_from_slice(&id.0);
+                }
+                BaseRef::Range {
+                    node,
+                    stream,
+                    off,
+                    len,
+                } => {
+                    out.push(1);
+                    put_varint(&mut out, index[node]);
+                    out.push(*stream as u8);
+                    put_varint(&mut out, *off);
+                    put_varint(&mut out, *len);
+                }
+            }
+        }
+        put_varint(&mut out, c.delta.len() as u64);
+        out.extend_from_slice(&c.delta);
+    }
+    out
+}
+
+fn read_id(b: &[u8], pos: &mut usize) -> Result<ChunkId> {
+    let mut id = [0u8; 32];
+    id.copy_from_slice(take(b, pos, 32)?);
+    Ok(ChunkId(id))
+}
+
+/// Decodes a frame payload written by [`encode_frame`], checking every
+/// bound before trusting it.
+pub fn decode_frame(b: &[u8]) -> Result<Vec<WireDelta>> {
+    let mut pos = 0usize;
+    let n_nodes = get_varint(b, &mut pos)? as usize;
+    if n_nodes > MAX_NODES {
+        return Err(Error::Corrupt(format!(
+            "delta frame names {n_nodes} nodes (at most {MAX_NODES})"
+        )));
+    }
+    let mut nodes = Vec::with_capacity(n_nodes);
+    for _ in 0..n_nodes {
+        nodes.push(read_id(b, &mut pos)?);
+    }
+    let mut out = Vec::new();
+    while pos < b.len() {
+        let mut check = [0u8; CHECK_LEN];
+        check.copy_from_slice(take(b, &mut pos, CHECK_LEN)?);
+        let raw_len = get_varint(b, &mut pos)?;
+        if raw_len > MAX_CHUNK_LEN as u64 {
+            return Err(Error::Corrupt(format!(
+                "delta of a {raw_len}-byte chunk (at most {MAX_CHUNK_LEN})"
+            )));
+        }
+        let n_bases = get_varint(b, &mut pos)? as usize;
+        if n_bases == 0 || n_bases > MAX_BASES {
+            return Err(Error::Corrupt(format!(
+                "delta with {n_bases} bases (1 to {MAX_BASES})"
+            )));
+        }
+        let mut bases = Vec::with_capacity(n_bases);
+        let mut total = 0u64;
+        for _ in 0..n_bases {
+            let tag = *take(b, &mut pos, 1)?.first().unwrap_or(&255);
+            match tag {
+                0 => bases.push(BaseRef::Chunk(read_id(b, &mut pos)?)),
+                1 => {
+                    let i = get_varint(b, &mut pos)? as usize;
+                    let node = *nodes.get(i).ok_or_else(|| {
+                        Error::Corrupt(format!("delta base names node {i} of {n_nodes}"))
+                    })?;
+                    let s = *take(b, &mut pos, 1)?.first().unwrap_or(&255);
+                    let stream = StreamKind::from_u8(s).ok_or_else(|| {
+                        Error::Corrupt(format!("delta base in unknown stream kind {s}"))
+                    })?;
+                    let off = get_varint(b, &mut pos)?;
+                    let len = get_varint(b, &mut pos)?;
+                    total = total.saturating_add(len);
+                    bases.push(BaseRef::Range {
+                        node,
+                        stream,
+                        off,
+                        len,
+                    });
+                }
+                t => return Err(Error::Corrupt(format!("delta base with unknown tag {t}"))),
+            }
+        }
+        if total > MAX_BASE_BYTES {
+            return Err(Error::Corrupt(format!(
+                "delta refers to {total} base bytes (at most {MAX_BASE_BYTES})"
+            )));
+        }
+        let dlen = get_varint(b, &mut pos)? as usize;
+        let delta = take(b, &mut pos, dlen)?.to_vec();
+        out.push(WireDelta {
+            check,
+            raw_len: raw_len as u32,
+            bases,
+            delta,
+        });
+    }
+    Ok(out)
+}
+
+/// Where each data chunk of a stream starts, for reading byte ranges.
+struct StreamIndex {
+    starts: Vec<u64>,
+    entries: Vec<Entry>,
+    len: u64,
+}
+
+/// Bytes of decompressed chunks kept for reuse: neighbouring targets share
+/// base chunks, and reading each again would cost a zstd pass every time.
+const CHUNK_CACHE_BYTES: usize = 64 << 20;
+/// Stream indexes kept; each is 40 bytes per chunk of its stream.
+const STREAM_CACHE: usize = 256;
+
+#[derive(Default)]
+struct ChunkCache {
+    map: HashMap<ChunkId, Arc<Vec<u8>>>,
+    order: VecDeque<ChunkId>,
+    bytes: usize,
+}
+
+/// Reads base bytes from a store: by both sides, the sender to make deltas
+/// and the receiver to apply them. Safe to share between threads.
+pub struct BaseResolver {
+    store: Arc<Store>,
+    streams: Mutex<HashMap<(ChunkId, StreamKind), Arc<StreamIndex>>>,
+    chunks: Mutex<ChunkCache>,
+}
+
+impl BaseResolver {
+    pub fn new(store: Arc<Store>) -> Self {
+        BaseResolver {
+            store,
+            streams: Mutex::new(HashMap::new()),
+            chunks: Mutex::new(ChunkCache::default()),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// A chunk's bytes, verified, through the cache.
+    pub fn chunk(&self, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
+        if let Ok(c) = self.chunks.lock() {
+            if let Some(b) = c.map.get(id) {
+                return Ok(b.clone());
+            }
+        }
+        let b = Arc::new(self.store.read_chunk(id)?);
+        if let Ok(mut c) = self.chunks.lock() {
+            if c.map.insert(*id, b.clone()).is_none() {
+                c.order.push_back(*id);
+                c.bytes += b.len();
+            }
+            while c.bytes > CHUNK_CACHE_BYTES {
+                let Some(old) = c.order.pop_front() else {
+                    break;
+                };
+                if let Some(x) = c.map.remove(&old) {
+                    c.bytes -= x.len();
+                }
+            }
+        }
+        Ok(b)
+    }
+
+    fn stream(&self, node: &ChunkId, kind: StreamKind) -> Result<Arc<StreamIndex>> {
+        if let Ok(s) = self.streams.lock() {
+            if let Some(i) = s.get(&(*node, kind)) {
+                return Ok(i.clone());
+            }
+        }
+        let n = Node::decode(&self.chunk(node)?, node)?;
+        let s = kind.of(&n).ok_or_else(|| {
+            Error::Corrupt(format!("delta base: node {node} has no {kind:?} stream"))
+        })?;
+        let mut starts = Vec::new();
+        let mut entries = Vec::new();
+        let mut off = 0u64;
+        ListReader::new(s, |c| self.store.read_chunk(c)).walk(
+            |_| {},
+            |e| {
+                starts.push(off);
+                entries.push(*e);
+                off += e.1 as u64;
+            },
+        )?;
+        let idx = Arc::new(StreamIndex {
+            starts,
+            entries,
+            len: off,
+        });
+        if let Ok(mut m) = self.streams.lock() {
+            if m.len() >= STREAM_CACHE {
+                m.clear();
+            }
+            m.insert((*node, kind), idx.clone());
+        }
+        Ok(idx)
+    }
+
+    /// The length of one stream of a node.
+    pub fn stream_len(&self, node: &ChunkId, kind: StreamKind) -> Result<u64> {
+        Ok(self.stream(node, kind)?.len)
+    }
+
+    /// The data chunks of a stream with their offsets.
+    pub fn stream_chunks(&self, node: &ChunkId, kind: StreamKind) -> Result<Vec<(u64, Entry)>> {
+        let s = self.stream(node, kind)?;
+        Ok(s.starts
+            .iter()
+            .copied()
+            .zip(s.entries.iter().copied())
+            .collect())
+    }
+
+    /// The concatenated bytes of `bases`.
+    pub fn base_bytes(&self, bases: &[BaseRef]) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        for b in bases {
+            match b {
+                BaseRef::Chunk(id) => out.extend_from_slice(&self.chunk(id)?),
+                BaseRef::Range {
+                    node,
+                    stream,
+                    off,
+                    len,
+                } => {
+                    let s = self.stream(node, *stream)?;
+                    let end = off
+                        .checked_add(*len)
+                        .filter(|&e| e <= s.len)
+                        .ok_or_else(|| {
+                            Error::Corrupt(format!(
+                                "delta base {off}+{len} lies past the end of a {}-byte stream",
+                                s.len
+                            ))
+                        })?;
+                    let mut i = s.starts.partition_point(|&x| x <= *off).saturating_sub(1);
+                    while i < s.entries.len() && s.starts[i] < end {
+                        let c = self.chunk(&s.entries[i].0)?;
+                        let cs = s.starts[i];
+                        let from = off.saturating_sub(cs) as usize;
+                        let to = ((end - cs) as usize).min(c.len());
+                        if from < to {
+                            out.extend_from_slice(&c[from..to]);
+                        }
+                        i += 1;
+                    }
+                }
+            }
+            if out.len() as u64 > MAX_BASE_BYTES {
+                return Err(Error::Corrupt("delta base too large".into()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rebuilds the chunk a delta carries and checks it against its check
+    /// value. A base this store lacks is a `MissingChunk` error.
+    pub fn apply(&self, d: &WireDelta) -> Result<(ChunkId, Vec<u8>)> {
+        let base = self.base_bytes(&d.bases)?;
+        let raw = decode(&base, &d.delta, d.raw_len as usize)?;
+        let id = ChunkId::of(&raw);
+        if id.0[..CHECK_LEN] != d.check {
+            return Err(Error::Corrupt(format!(
+                "a delta rebuilt chunk {id}, whose hash does not start with the {} sent with it: corrupt delta or base",
+                hex::encode(d.check)
+            )));
+        }
+        Ok((id, raw))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delta_round_trip_and_is_small() {
+        let base: Vec<u8> = (0..100_000u32)
+            .flat_map(|i| (i * 7).to_le_bytes())
+            .collect();
+        let mut target = base[1000..60_000].to_vec();
+        target[500..504].copy_from_slice(b"XXXX");
+        let d = encode(&base, &target, 9).unwrap();
+        assert!(d.len() < 200, "delta is {} bytes", d.len());
+        assert_eq!(decode(&base, &d, target.len()).unwrap(), target);
+        // The wrong base gives garbage or an error, never the target.
+        let mut bad = base.clone();
+        bad[20_000] ^= 1;
+        assert_ne!(decode(&bad, &d, target.len()).ok(), Some(target.clone()));
+        assert!(decode(&base, &d, target.len() + 1).is_err());
+    }
+
+    #[test]
+    fn frame_round_trip_and_garbage() {
+        let c = DeltaChunk {
+            id: ChunkId::of(b"x"),
+            raw_len: 1,
+            bases: vec![
+                BaseRef::Chunk(ChunkId::of(b"b")),
+                BaseRef::Range {
+                    node: ChunkId::of(b"n"),
+                    stream: StreamKind::Skeleton,
+                    off: 5,
+                    len: 99,
+                },
+            ],
+            delta: vec![1, 2, 3],
+        };
+        let f = encode_frame(&[c.clone(), c.clone()]);
+        let got = decode_frame(&f).unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].bases, c.bases);
+        assert_eq!(got[1].check[..], c.id.0[..CHECK_LEN]);
+        for cut in 1..f.len() {
+            // Every truncation is an error, not a panic (some prefixes are
+            // whole frames of fewer deltas, which is fine).
+            if let Ok(d) = decode_frame(&f[..cut]) {
+                assert!(d.len() < 2);
+            }
+        }
+    }
+}

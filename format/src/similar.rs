@@ -1,0 +1,702 @@
+//! Finding bases for deltas: for each chunk of an image, bytes a receiver
+//! holds that are likely to resemble it.
+//!
+//! Measured on real rebuilds (`shared/notes/dedup-prototype.md`), the best
+//! base for a changed chunk is nearly always the same file in the
+//! corresponding layer of the previous version, and for a tar header the
+//! same entry's header there. So the planner pairs the new image's nodes
+//! with nodes of the base images (layers by their member path, else by how
+//! many file paths they share), reads every paired tar's skeleton to learn
+//! where each file's header and contents sit, and matches files by path
+//! (exactly, else with digit runs masked, so `pyarrow-18.1.0.dist-info`
+//! finds `pyarrow-19.0.0.dist-info`). A chunk's base is then the byte
+//! ranges its files occupy in the old streams; where no file matches, the
+//! same relative position of the paired stream. Nodes, block maps, list
+//! pieces and the recipe are small objects whose old counterpart is known
+//! and serve as whole-chunk bases.
+//!
+//! The choice is measured, not guessed: a delta is kept only when it is
+//! smaller than the chunk as stored, and a second candidate is tried when
+//! the first is poor. Every base is bounded in size, so the cost per chunk is.
+
+use crate::delta::{self, BaseRef, BaseResolver, DeltaChunk, StreamKind};
+use crate::error::Result;
+use crate::extract::load_recipe;
+use crate::hash::ChunkId;
+use crate::list::{decode_entries, StreamRef};
+use crate::recipe::{Node, NodeBody};
+use crate::skeleton::{Record, SkeletonReader};
+use crate::tarhdr::{parse_header, parse_pax, EntryKind, BLOCK};
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::io::Read;
+use std::sync::Arc;
+
+/// Old files up to this size are offered whole as base.
+const WHOLE_FILE: u64 = 256 << 10;
+/// Bytes added on each side of a mapped range: content shifts a little
+/// when a line is added to a file.
+const SLACK: u64 = 16 << 10;
+/// Bytes around the proportional position when nothing better is known.
+const BLIND_SLACK: u64 = 64 << 10;
+/// Most base bytes the planner offers one chunk.
+const PLAN_BASE_BYTES: u64 = 1 << 20;
+/// A delta above this share of the stored chunk is poor enough to try the
+/// second candidate.
+const POOR: usize = 4;
+/// Bytes a delta costs on the wire beside its zstd frame (check, lengths,
+/// base references): a delta must beat the stored chunk by more.
+const DELTA_OVERHEAD: usize = 24;
+
+/// The default zstd level for deltas.
+pub const DEFAULT_LEVEL: i32 = 12;
+
+fn hash_path(p: &[u8]) -> u64 {
+    let p = p.strip_prefix(b"./").unwrap_or(p);
+    let p = p.strip_suffix(b"/").unwrap_or(p);
+    let mut h = DefaultHasher::new();
+    p.hash(&mut h);
+    h.finish()
+}
+
+/// The path with every run of digits masked: versioned names of one
+/// package's files then meet.
+fn hash_norm(p: &[u8]) -> u64 {
+    let p = p.strip_prefix(b"./").unwrap_or(p);
+    let mut out = Vec::with_capacity(p.len());
+    let mut in_digits = false;
+    for &c in p {
+        if c.is_ascii_digit() {
+            if !in_digits {
+                out.push(b'#');
+            }
+            in_digits = true;
+        } else {
+            out.push(c);
+            in_digits = false;
+        }
+    }
+    let mut h = DefaultHasher::new();
+    out.hash(&mut h);
+    h.finish()
+}
+
+/// Where one tar's entries sit in its skeleton and data streams.
+#[derive(Default)]
+struct TarIndex {
+    /// (path, masked path, skeleton offset of the header block)
+    headers: Vec<(u64, u64, u64)>,
+    /// (path, masked path, data offset, length) of file contents
+    files: Vec<(u64, u64, u64, u64)>,
+    /// The member path of each child node, by child index.
+    children: HashMap<u64, u64>,
+    skel_len: u64,
+}
+
+impl TarIndex {
+    fn path_set(&self) -> HashSet<u64> {
+        self.headers.iter().map(|h| h.0).collect()
+    }
+}
+
+/// Reads a stream's bytes in order, one chunk at a time.
+struct StreamBytes<'a> {
+    resolver: &'a BaseResolver,
+    chunks: std::vec::IntoIter<(u64, crate::list::Entry)>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for StreamBytes<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos >= self.cur.len() {
+            let Some((_, e)) = self.chunks.next() else {
+                return Ok(0);
+            };
+            self.cur = self
+                .resolver
+                .store()
+                .read_chunk(&e.0)
+                .map_err(crate::Error::into_io)?;
+            self.pos = 0;
+        }
+        let n = (self.cur.len() - self.pos).min(buf.len());
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+fn varint_len(mut v: u64) -> u64 {
+    let mut n = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        n += 1;
+    }
+    n
+}
+
+fn cstr(b: &[u8]) -> &[u8] {
+    &b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())]
+}
+
+/// Reads a tar node's skeleton and notes every header it can recognise.
+/// Anything it does not understand is skipped: a missed header only makes
+/// a base less precise, never a result wrong.
+fn index_tar(resolver: &BaseResolver, id: &ChunkId, node: &Node) -> Result<TarIndex> {
+    let NodeBody::Tar { children, .. } = &node.body else {
+        return Ok(TarIndex::default());
+    };
+    let child_lens: Vec<u64> = children
+        .iter()
+        .map(|c| {
+            resolver
+                .chunk(c)
+                .and_then(|b| Node::decode(&b, c))
+                .map(|n| n.len)
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut ix = TarIndex {
+        skel_len: resolver.stream_len(id, StreamKind::Skeleton)?,
+        ..Default::default()
+    };
+    let bytes = StreamBytes {
+        resolver,
+        chunks: resolver
+            .stream_chunks(id, StreamKind::Skeleton)?
+            .into_iter(),
+        cur: Vec::new(),
+        pos: 0,
+    };
+    let mut r = SkeletonReader::new(bytes);
+    let mut skel_off = 4u64;
+    let mut tar_pos = 0u64;
+    let mut data_off = 0u64;
+    let mut last_path: Option<Vec<u8>> = None;
+    let mut override_path: Option<Vec<u8>> = None;
+    while let Some(rec) = r.next_record()? {
+        match rec {
+            Record::Literal(lit) => {
+                let n = lit.len() as u64;
+                let body_off = skel_off + 1 + varint_len(n);
+                let mut q = tar_pos.div_ceil(BLOCK as u64) * BLOCK as u64;
+                while q + BLOCK as u64 <= tar_pos + n {
+                    let at = (q - tar_pos) as usize;
+                    let mut next = q + BLOCK as u64;
+                    if let Some(h) = parse_header(&lit[at..at + BLOCK]) {
+                        let content = at + BLOCK..(at + BLOCK).saturating_add(h.size as usize);
+                        if h.kind == EntryKind::Meta {
+                            if let Some(c) = lit.get(content) {
+                                match h.typeflag {
+                                    b'x' | b'X' => {
+                                        if let Some(p) = parse_pax(c).path {
+                                            override_path = Some(p);
+                                        }
+                                    }
+                                    b'L' => override_path = Some(cstr(c).to_vec()),
+                                    _ => {}
+                                }
+                            }
+                            next = q + BLOCK as u64 + h.size.div_ceil(BLOCK as u64) * BLOCK as u64;
+                        } else {
+                            let path = override_path.take().unwrap_or(h.path);
+                            ix.headers.push((
+                                hash_path(&path),
+                                hash_norm(&path),
+                                body_off + at as u64,
+                            ));
+                            last_path = Some(path);
+                        }
+                    }
+                    q = next;
+                }
+                tar_pos += n;
+                skel_off = body_off + n;
+            }
+            Record::Data(n) => {
+                if let Some(p) = last_path.take() {
+                    ix.files.push((hash_path(&p), hash_norm(&p), data_off, n));
+                }
+                data_off += n;
+                tar_pos += n;
+                skel_off += 1 + varint_len(n);
+            }
+            Record::Child(i) => {
+                if let Some(p) = last_path.take() {
+                    ix.children.insert(i, hash_path(&p));
+                }
+                tar_pos += child_lens.get(i as usize).copied().unwrap_or(0);
+                skel_off += 1 + varint_len(i);
+            }
+        }
+    }
+    Ok(ix)
+}
+
+#[derive(Clone, Copy)]
+struct Anchor {
+    new_off: u64,
+    /// Offset and length of the matching span in the old stream.
+    old: Option<(u64, u64)>,
+}
+
+/// How one stream of a new node maps onto the same stream of its old node.
+struct Mapping {
+    old_node: ChunkId,
+    kind: StreamKind,
+    anchors: Vec<Anchor>,
+    new_len: u64,
+    old_len: u64,
+}
+
+impl Mapping {
+    fn anchored(&self, a: u64, b: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        if self.anchors.is_empty() {
+            return out;
+        }
+        let mut i = self
+            .anchors
+            .partition_point(|x| x.new_off <= a)
+            .saturating_sub(1);
+        while i < self.anchors.len() && self.anchors[i].new_off < b {
+            let an = self.anchors[i];
+            let next = self
+                .anchors
+                .get(i + 1)
+                .map(|x| x.new_off)
+                .unwrap_or(self.new_len);
+            let (s, e) = (a.max(an.new_off), b.min(next));
+            i += 1;
+            let (Some((oo, ol)), true) = (an.old, s < e) else {
+                continue;
+            };
+            if ol <= WHOLE_FILE {
+                out.push((oo, oo + ol));
+            } else {
+                let start = oo + (s - an.new_off).min(ol);
+                out.push((
+                    start.saturating_sub(SLACK).max(oo),
+                    (start + (e - s) + SLACK).min(oo + ol),
+                ));
+            }
+        }
+        out
+    }
+
+    fn blind(&self, a: u64, b: u64) -> Vec<(u64, u64)> {
+        if self.old_len == 0 || self.new_len == 0 {
+            return Vec::new();
+        }
+        let centre = (a as u128 * self.old_len as u128 / self.new_len as u128) as u64;
+        let w = b - a;
+        vec![(
+            centre.saturating_sub(w + BLIND_SLACK),
+            (centre + 2 * w + BLIND_SLACK).min(self.old_len),
+        )]
+    }
+
+    /// Ranges merged, clamped to the old stream, bounded in total.
+    fn refs(&self, mut ranges: Vec<(u64, u64)>) -> Vec<BaseRef> {
+        ranges.sort();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (s, e) in ranges {
+            let e = e.min(self.old_len);
+            if s >= e {
+                continue;
+            }
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        let mut out = Vec::new();
+        let mut total = 0u64;
+        for (s, e) in merged {
+            if total >= PLAN_BASE_BYTES || out.len() >= delta::MAX_BASES {
+                break;
+            }
+            let e = e.min(s + (PLAN_BASE_BYTES - total));
+            total += e - s;
+            out.push(BaseRef::Range {
+                node: self.old_node,
+                stream: self.kind,
+                off: s,
+                len: e - s,
+            });
+        }
+        out
+    }
+}
+
+enum Ctx {
+    /// A data chunk at `off` of a mapped stream.
+    Stream { mapping: usize, off: u64 },
+    /// An object whose old counterpart is known: node, block map, list
+    /// piece, recipe.
+    Whole(ChunkId),
+}
+
+/// What the planner did, for reports.
+#[derive(Default, Debug, Clone, Copy, serde::Serialize)]
+pub struct PlannerStats {
+    /// New nodes paired with an old node.
+    pub nodes_paired: u64,
+    /// Files of paired tars whose path (or masked path) was found in the old tar.
+    pub files_matched: u64,
+    pub files_total: u64,
+}
+
+/// Finds bases for the chunks of one image among base images the receiver
+/// is known to hold whole, and encodes deltas against them.
+pub struct DeltaPlanner {
+    resolver: Arc<BaseResolver>,
+    ctx: HashMap<ChunkId, Ctx>,
+    mappings: Vec<Mapping>,
+    level: i32,
+    pub stats: PlannerStats,
+}
+
+impl DeltaPlanner {
+    /// `target`: the recipe being sent; `bases`: recipes of images the
+    /// receiver holds completely, most relevant first.
+    pub fn new(
+        resolver: Arc<BaseResolver>,
+        target: &ChunkId,
+        bases: &[ChunkId],
+        level: i32,
+    ) -> Result<DeltaPlanner> {
+        let mut p = DeltaPlanner {
+            resolver,
+            ctx: HashMap::new(),
+            mappings: Vec::new(),
+            level,
+            stats: PlannerStats::default(),
+        };
+        if bases.is_empty() {
+            return Ok(p);
+        }
+        let store = p.resolver.store().clone();
+        let rec = load_recipe(&store, target)?;
+        // The recipe itself gets no base: the receiver's recipe of the same
+        // image may differ (older wharf versions wrote the time into it).
+        let mut old_roots = Vec::new();
+        for b in bases {
+            old_roots.push(load_recipe(&store, b)?.root);
+        }
+        // Layers may be paired with a layer of any base image; the outer
+        // tar with the first's.
+        let mut extra: Vec<ChunkId> = Vec::new();
+        for r in &old_roots {
+            if let Ok(n) = p.node(r) {
+                if let NodeBody::Tar { children, .. } = &n.body {
+                    extra.extend(children.iter().copied());
+                }
+            }
+        }
+        p.pair(&rec.root, &old_roots[0], &extra, 0)?;
+        Ok(p)
+    }
+
+    fn node(&self, id: &ChunkId) -> Result<Node> {
+        Node::decode(&self.resolver.chunk(id)?, id)
+    }
+
+    fn pair(&mut self, new: &ChunkId, old: &ChunkId, extra: &[ChunkId], depth: u32) -> Result<()> {
+        if depth > 8 || self.ctx.contains_key(new) && depth > 0 {
+            return Ok(());
+        }
+        let n = self.node(new)?;
+        let o = self.node(old)?;
+        self.stats.nodes_paired += 1;
+        self.ctx.entry(*new).or_insert(Ctx::Whole(*old));
+        if let (Some(nb), Some(ob)) = (n.blocks, o.blocks) {
+            self.ctx.entry(nb).or_insert(Ctx::Whole(ob));
+        }
+        match (&n.body, &o.body) {
+            (NodeBody::Gzip { plain: np, .. }, NodeBody::Gzip { plain: op, .. }) => {
+                self.map_stream(new, old, StreamKind::Recon, Vec::new())?;
+                let (np, op) = (*np, *op);
+                self.pair(&np, &op, &[], depth + 1)?;
+            }
+            (NodeBody::Gzip { plain, .. }, _) => {
+                let np = *plain;
+                self.pair(&np, old, extra, depth + 1)?;
+            }
+            (_, NodeBody::Gzip { plain, .. }) => {
+                let op = *plain;
+                self.pair(new, &op, extra, depth + 1)?;
+            }
+            (NodeBody::Raw { .. }, NodeBody::Raw { .. }) => {
+                self.map_stream(new, old, StreamKind::Data, Vec::new())?;
+            }
+            (NodeBody::Tar { children: nc, .. }, NodeBody::Tar { children: oc, .. }) => {
+                let ni = index_tar(&self.resolver, new, &n)?;
+                let oi = index_tar(&self.resolver, old, &o)?;
+                self.map_tar(new, old, &ni, &oi)?;
+                let (nc, oc) = (nc.clone(), oc.clone());
+                self.pair_children(&nc, &ni, &oc, &oi, extra, depth)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn pair_children(
+        &mut self,
+        nc: &[ChunkId],
+        ni: &TarIndex,
+        oc: &[ChunkId],
+        oi: &TarIndex,
+        extra: &[ChunkId],
+        depth: u32,
+    ) -> Result<()> {
+        let mut cands: Vec<ChunkId> = oc.to_vec();
+        cands.extend(extra.iter().filter(|c| !oc.contains(c)));
+        cands.truncate(1024);
+        let mut by_path: HashMap<u64, ChunkId> = HashMap::new();
+        for (i, c) in oc.iter().enumerate() {
+            if let Some(p) = oi.children.get(&(i as u64)) {
+                by_path.insert(*p, *c);
+            }
+        }
+        // File paths of each candidate, learnt lazily and only when a new
+        // child's member path finds no match.
+        let mut sets: Vec<Option<HashSet<u64>>> = vec![None; cands.len()];
+        for (i, c) in nc.iter().enumerate() {
+            if self.ctx.contains_key(c) {
+                continue;
+            }
+            if let Some(old) = ni.children.get(&(i as u64)).and_then(|p| by_path.get(p)) {
+                let old = *old;
+                self.pair(c, &old, &[], depth + 1)?;
+                continue;
+            }
+            let mine = self.tar_paths(c)?;
+            let mut best: Option<(usize, ChunkId)> = None;
+            if !mine.is_empty() {
+                for (j, cand) in cands.iter().enumerate() {
+                    if sets[j].is_none() {
+                        sets[j] = Some(self.tar_paths(cand)?);
+                    }
+                    let shared = sets[j]
+                        .as_ref()
+                        .map(|s| mine.iter().filter(|p| s.contains(p)).count())
+                        .unwrap_or(0);
+                    if shared > 0 && best.is_none_or(|(b, _)| shared > b) {
+                        best = Some((shared, *cand));
+                    }
+                }
+            }
+            let fallback = oc.get(i).copied();
+            if let Some(old) = best.map(|b| b.1).or(fallback) {
+                self.pair(c, &old, &[], depth + 1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// File paths inside a node (through gzip), for pairing layers.
+    fn tar_paths(&self, id: &ChunkId) -> Result<HashSet<u64>> {
+        let mut id = *id;
+        for _ in 0..4 {
+            let n = self.node(&id)?;
+            match &n.body {
+                NodeBody::Gzip { plain, .. } => id = *plain,
+                NodeBody::Tar { .. } => return Ok(index_tar(&self.resolver, &id, &n)?.path_set()),
+                NodeBody::Raw { .. } => break,
+            }
+        }
+        Ok(HashSet::new())
+    }
+
+    fn map_tar(
+        &mut self,
+        new: &ChunkId,
+        old: &ChunkId,
+        ni: &TarIndex,
+        oi: &TarIndex,
+    ) -> Result<()> {
+        let mut old_files: HashMap<u64, (u64, u64)> = HashMap::new();
+        let mut old_norm: HashMap<u64, (u64, u64)> = HashMap::new();
+        for f in &oi.files {
+            old_files.entry(f.0).or_insert((f.2, f.3));
+            old_norm.entry(f.1).or_insert((f.2, f.3));
+        }
+        let mut data = Vec::with_capacity(ni.files.len());
+        for f in &ni.files {
+            let old = old_files.get(&f.0).or_else(|| old_norm.get(&f.1)).copied();
+            self.stats.files_total += 1;
+            if old.is_some() {
+                self.stats.files_matched += 1;
+            }
+            data.push(Anchor { new_off: f.2, old });
+        }
+        let mut old_hdr: HashMap<u64, (u64, u64)> = HashMap::new();
+        let mut old_hdr_norm: HashMap<u64, (u64, u64)> = HashMap::new();
+        for (i, h) in oi.headers.iter().enumerate() {
+            let end = oi.headers.get(i + 1).map(|x| x.2).unwrap_or(oi.skel_len);
+            let span = (h.2, end.saturating_sub(h.2).max(BLOCK as u64));
+            old_hdr.entry(h.0).or_insert(span);
+            old_hdr_norm.entry(h.1).or_insert(span);
+        }
+        let skel = ni
+            .headers
+            .iter()
+            .map(|h| Anchor {
+                new_off: h.2,
+                old: old_hdr
+                    .get(&h.0)
+                    .or_else(|| old_hdr_norm.get(&h.1))
+                    .copied(),
+            })
+            .collect();
+        self.map_stream(new, old, StreamKind::Data, data)?;
+        self.map_stream(new, old, StreamKind::Skeleton, skel)?;
+        Ok(())
+    }
+
+    fn map_stream(
+        &mut self,
+        new: &ChunkId,
+        old: &ChunkId,
+        kind: StreamKind,
+        anchors: Vec<Anchor>,
+    ) -> Result<()> {
+        let nn = self.node(new)?;
+        let on = self.node(old)?;
+        let (Some(ns), Some(os)) = (kind.of(&nn), kind.of(&on)) else {
+            return Ok(());
+        };
+        self.pair_lists(ns, os)?;
+        let m = self.mappings.len();
+        self.mappings.push(Mapping {
+            old_node: *old,
+            kind,
+            anchors,
+            new_len: ns.len,
+            old_len: os.len,
+        });
+        for (off, e) in self.resolver.stream_chunks(new, kind)? {
+            self.ctx
+                .entry(e.0)
+                .or_insert(Ctx::Stream { mapping: m, off });
+        }
+        Ok(())
+    }
+
+    /// Each new list piece gets as base the old piece that shares most of
+    /// its entries.
+    fn pair_lists(&mut self, new: &StreamRef, old: &StreamRef) -> Result<()> {
+        if new.level == 0 || old.level == 0 {
+            return Ok(());
+        }
+        let store = self.resolver.store().clone();
+        let pieces = |s: &StreamRef| -> Result<Vec<(ChunkId, Vec<ChunkId>)>> {
+            let mut out = Vec::new();
+            let mut level: Vec<ChunkId> = s.entries.iter().map(|e| e.0).collect();
+            for _ in 0..s.level {
+                let mut next = Vec::new();
+                for p in level {
+                    let ents: Vec<ChunkId> = decode_entries(&store.read_chunk(&p)?, &p)?
+                        .iter()
+                        .map(|e| e.0)
+                        .collect();
+                    next.extend(ents.iter().copied());
+                    out.push((p, ents));
+                }
+                level = next;
+            }
+            Ok(out)
+        };
+        let mut owner: HashMap<ChunkId, ChunkId> = HashMap::new();
+        for (p, ents) in pieces(old)? {
+            for e in ents {
+                owner.entry(e).or_insert(p);
+            }
+        }
+        for (p, ents) in pieces(new)? {
+            if self.ctx.contains_key(&p) {
+                continue;
+            }
+            let mut votes: HashMap<ChunkId, usize> = HashMap::new();
+            for e in &ents {
+                if let Some(o) = owner.get(e) {
+                    *votes.entry(*o).or_default() += 1;
+                }
+            }
+            if let Some((best, _)) = votes.into_iter().max_by_key(|(id, n)| (*n, *id)) {
+                self.ctx.insert(p, Ctx::Whole(best));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the planner knows anything about `id`.
+    pub fn knows(&self, id: &ChunkId) -> bool {
+        self.ctx.contains_key(id)
+    }
+
+    fn try_bases(
+        &self,
+        bases: Vec<BaseRef>,
+        target: &[u8],
+    ) -> Result<Option<(Vec<BaseRef>, Vec<u8>)>> {
+        if bases.is_empty() {
+            return Ok(None);
+        }
+        let base = self.resolver.base_bytes(&bases)?;
+        if base.is_empty() {
+            return Ok(None);
+        }
+        let d = delta::encode(&base, target, self.level)?;
+        Ok(Some((bases, d)))
+    }
+
+    /// The chunk `id` as a delta, when one is smaller than `stored_len`
+    /// (its size as stored, the alternative on the wire); `None` to send it
+    /// as it is.
+    pub fn encode(&self, id: &ChunkId, stored_len: usize) -> Result<Option<DeltaChunk>> {
+        let Some(ctx) = self.ctx.get(id) else {
+            return Ok(None);
+        };
+        let target = self.resolver.chunk(id)?;
+        let mut cands: Vec<Vec<BaseRef>> = Vec::new();
+        match ctx {
+            Ctx::Whole(b) => cands.push(vec![BaseRef::Chunk(*b)]),
+            Ctx::Stream { mapping, off } => {
+                let m = &self.mappings[*mapping];
+                let (a, b) = (*off, off + target.len() as u64);
+                let anchored = m.refs(m.anchored(a, b));
+                if !anchored.is_empty() {
+                    cands.push(anchored);
+                }
+                cands.push(m.refs(m.blind(a, b)));
+            }
+        }
+        let mut best: Option<(Vec<BaseRef>, Vec<u8>)> = None;
+        for c in cands {
+            if let Some((_, d)) = &best {
+                if d.len() * POOR <= stored_len {
+                    break;
+                }
+            }
+            if let Some((refs, d)) = self.try_bases(c, &target)? {
+                if best.as_ref().is_none_or(|(_, bd)| d.len() < bd.len()) {
+                    best = Some((refs, d));
+                }
+            }
+        }
+        Ok(best.and_then(|(bases, d)| {
+            let cost = d.len() + DELTA_OVERHEAD + bases.len() * 8;
+            (cost < stored_len).then(|| DeltaChunk {
+                id: *id,
+                raw_len: target.len() as u32,
+                bases,
+                delta: d,
+            })
+        }))
+    }
+}

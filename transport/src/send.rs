@@ -1,0 +1,256 @@
+//! The sending side shared by push (stream and HTTP) and bundles: which
+//! images the receiver can serve as delta bases, and turning the chunks it
+//! lacks into PUT and PUT_DELTA payloads.
+
+use crate::frame::{encode_chunk, Kind, WireChunk};
+use crate::session::TransferReport;
+use crate::walk::{self, HasOracle};
+use crate::Result;
+use rayon::prelude::*;
+use std::collections::HashSet;
+use std::sync::Arc;
+use wharf_format::delta::{encode_frame, BaseResolver, DeltaChunk};
+use wharf_format::extract::load_recipe;
+use wharf_format::similar::DeltaPlanner;
+use wharf_format::{ChunkId, Store};
+
+/// Base images considered per transfer: each costs a walk of its tree.
+pub const MAX_BASE_IMAGES: usize = 4;
+/// Chunks encoded per parallel batch.
+const ENCODE_BATCH: usize = 512;
+
+/// How a transfer treats deltas.
+#[derive(Clone, Copy, Debug)]
+pub struct DeltaOptions {
+    pub enabled: bool,
+    pub level: i32,
+}
+
+impl Default for DeltaOptions {
+    fn default() -> Self {
+        DeltaOptions {
+            enabled: true,
+            level: wharf_format::similar::DEFAULT_LEVEL,
+        }
+    }
+}
+
+fn repo_of(name: &str) -> &str {
+    match name.rfind(':') {
+        Some(i) if !name[i..].contains('/') => &name[..i],
+        _ => name,
+    }
+}
+
+/// Images of this store that could serve as bases for `target`, most
+/// relevant first: the same repository before others, newer before older.
+pub fn candidate_bases(store: &Store, target_name: &str, target: &ChunkId) -> Result<Vec<ChunkId>> {
+    let repo = repo_of(target_name);
+    let mut refs: Vec<(bool, u64, String, ChunkId)> = store
+        .list_refs()?
+        .into_iter()
+        .filter(|(_, r)| r.recipe != *target)
+        .map(|(n, r)| (repo_of(&n) != repo, u64::MAX - r.added, n, r.recipe))
+        .collect();
+    refs.sort();
+    let mut out: Vec<ChunkId> = Vec::new();
+    for (_, _, _, r) in refs {
+        if !out.contains(&r) {
+            out.push(r);
+        }
+    }
+    out.truncate(MAX_BASE_IMAGES * 4);
+    Ok(out)
+}
+
+/// Of `candidates`, the images the receiver holds whole: their outer tar is
+/// a complete layer there and it has their recipe chunk.
+pub fn held_bases(
+    store: &Store,
+    candidates: &[ChunkId],
+    has: &mut HasOracle<'_>,
+) -> Result<Vec<ChunkId>> {
+    let mut roots = Vec::new();
+    let mut recipes = Vec::new();
+    for c in candidates {
+        if let Ok(r) = load_recipe(store, c) {
+            roots.push(r.root);
+            recipes.push(*c);
+        }
+    }
+    if roots.is_empty() {
+        return Ok(Vec::new());
+    }
+    let whole = has(&roots, true)?;
+    let chunk = has(&recipes, false)?;
+    let mut out: Vec<ChunkId> = recipes
+        .iter()
+        .zip(whole.iter().zip(chunk))
+        .filter(|(_, (w, c))| **w && *c)
+        .map(|(r, _)| *r)
+        .collect();
+    out.truncate(MAX_BASE_IMAGES);
+    Ok(out)
+}
+
+/// What the receiver lacks, decided in two levels (whole layers, then
+/// chunks), skipping without asking everything in `bases`, which the
+/// receiver holds whole.
+pub struct Negotiated {
+    /// Chunks to send, in tree order.
+    pub missing: Vec<ChunkId>,
+    pub total: u64,
+    pub layers_skipped: u64,
+}
+
+pub fn negotiate(
+    store: &Store,
+    recipe: &ChunkId,
+    bases: &[ChunkId],
+    has: &mut HasOracle<'_>,
+) -> Result<Negotiated> {
+    let mut known: HashSet<ChunkId> = HashSet::new();
+    for b in bases {
+        known.extend(walk::image_chunks(store, b, &HashSet::new())?);
+    }
+    let rec = load_recipe(store, recipe)?;
+    let layer_ids: Vec<ChunkId> = rec.layers.iter().map(|l| l.node).collect();
+    let mut held = has(&layer_ids, true)?;
+    for (h, l) in held.iter_mut().zip(&layer_ids) {
+        *h |= known.contains(l);
+    }
+    let skip: HashSet<ChunkId> = layer_ids
+        .iter()
+        .zip(&held)
+        .filter(|(_, h)| **h)
+        .map(|(i, _)| *i)
+        .collect();
+    let ids = walk::image_chunks(store, recipe, &skip)?;
+    let ask: Vec<ChunkId> = ids.iter().filter(|i| !known.contains(i)).copied().collect();
+    let have = has(&ask, false)?;
+    let missing = ask
+        .into_iter()
+        .zip(have)
+        .filter(|(_, h)| !h)
+        .map(|(i, _)| i)
+        .collect();
+    Ok(Negotiated {
+        missing,
+        total: ids.len() as u64,
+        layers_skipped: skip.len() as u64,
+    })
+}
+
+/// A planner for `recipe` against `bases`, or none when deltas are off or
+/// there is nothing to delta against.
+pub fn planner(
+    store: &Arc<Store>,
+    recipe: &ChunkId,
+    bases: &[ChunkId],
+    opts: DeltaOptions,
+) -> Result<Option<DeltaPlanner>> {
+    if !opts.enabled || bases.is_empty() {
+        return Ok(None);
+    }
+    let resolver = Arc::new(BaseResolver::new(store.clone()));
+    Ok(Some(DeltaPlanner::new(
+        resolver, recipe, bases, opts.level,
+    )?))
+}
+
+/// Takes each payload ready to go, with the report so far.
+pub type Emit<'a> = dyn FnMut(Kind, Vec<u8>, &TransferReport) -> Result<()> + 'a;
+
+/// A chunk read for sending: id, raw length, bytes as stored, and the
+/// delta to send instead when there is a smaller one.
+type Encoded = (ChunkId, u32, Vec<u8>, Option<DeltaChunk>);
+
+/// Encodes `ids` (chunks the receiver lacks) as PUT payloads of chunks as
+/// stored and PUT_DELTA payloads of deltas, each about `frame_bytes`, and
+/// hands every payload to `emit` with the report so far.
+pub fn encode_chunks(
+    store: &Store,
+    planner: Option<&DeltaPlanner>,
+    ids: &[ChunkId],
+    frame_bytes: usize,
+    rep: &mut TransferReport,
+    emit: &mut Emit<'_>,
+) -> Result<()> {
+    let mut plain: Vec<u8> = Vec::new();
+    let mut deltas: Vec<DeltaChunk> = Vec::new();
+    let mut delta_bytes = 0usize;
+    for batch in ids.chunks(ENCODE_BATCH) {
+        let encoded: Vec<Result<Encoded>> = batch
+            .par_iter()
+            .map(|id| {
+                let (raw_len, stored) = store.read_stored(id)?;
+                let d = match planner {
+                    Some(p) if p.knows(id) => p.encode(id, stored.len())?,
+                    _ => None,
+                };
+                Ok((*id, raw_len, stored, d))
+            })
+            .collect();
+        for e in encoded {
+            let (id, raw_len, stored, d) = e?;
+            rep.chunks_sent += 1;
+            match d {
+                Some(d) => {
+                    rep.delta_chunks += 1;
+                    rep.delta_raw_bytes += raw_len as u64;
+                    rep.delta_instead_of += stored.len() as u64;
+                    delta_bytes += d.delta.len() + 48;
+                    deltas.push(d);
+                }
+                None => {
+                    rep.payload_bytes += stored.len() as u64;
+                    encode_chunk(
+                        &mut plain,
+                        &WireChunk {
+                            id,
+                            raw_len,
+                            stored,
+                        },
+                    );
+                }
+            }
+            if plain.len() >= frame_bytes {
+                emit(Kind::Put, std::mem::take(&mut plain), rep)?;
+            }
+            if delta_bytes >= frame_bytes {
+                let f = encode_frame(&std::mem::take(&mut deltas));
+                delta_bytes = 0;
+                rep.delta_bytes += f.len() as u64;
+                rep.payload_bytes += f.len() as u64;
+                emit(Kind::PutDelta, f, rep)?;
+            }
+        }
+    }
+    if !plain.is_empty() {
+        emit(Kind::Put, plain, rep)?;
+    }
+    if !deltas.is_empty() {
+        let f = encode_frame(&deltas);
+        rep.delta_bytes += f.len() as u64;
+        rep.payload_bytes += f.len() as u64;
+        emit(Kind::PutDelta, f, rep)?;
+    }
+    Ok(())
+}
+
+/// What pushing `name` would send, with deltas priced when `deltas` allows.
+pub fn plan(
+    store: &Arc<Store>,
+    name: &str,
+    deltas: DeltaOptions,
+    has: &mut HasOracle<'_>,
+) -> Result<walk::Plan> {
+    let r = store.require_ref(name)?;
+    let bases = if deltas.enabled {
+        held_bases(store, &candidate_bases(store, name, &r.recipe)?, has)?
+    } else {
+        Vec::new()
+    };
+    let planner = planner(store, &r.recipe, &bases, deltas)?;
+    walk::plan_push(store, name, &bases, planner.as_ref(), has)
+}
