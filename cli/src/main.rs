@@ -179,6 +179,8 @@ enum Cmd {
         /// a temporary one is used and removed: seeds + pull + this file, no store left behind.
         #[arg(long, short)]
         output: Option<String>,
+        #[command(flatten)]
+        deltas: DeltaArgs,
     },
     /// Serve this store over stdin/stdout (what `push`/`pull` run on the other side over ssh),
     /// or over HTTP with --listen.
@@ -574,6 +576,7 @@ fn run(cli: Cli) -> Result<()> {
             load,
             seed,
             output,
+            deltas,
         } => {
             // Without a store, a pull that writes a file works in a scratch one.
             let scratch;
@@ -591,8 +594,8 @@ fn run(cli: Cli) -> Result<()> {
                 &store,
                 &src,
                 &name,
-                as_name.as_deref(),
-                token_file.as_deref(),
+                (as_name.as_deref(), token_file.as_deref()),
+                deltas.options(),
                 cli.json && !load,
                 show_progress,
             );

@@ -307,8 +307,8 @@ pub fn pull(
     store: &Arc<Store>,
     src: &str,
     name: &str,
-    as_name: Option<&str>,
-    token_file: Option<&Path>,
+    (as_name, token_file): (Option<&str>, Option<&Path>),
+    deltas: DeltaOptions,
     json: bool,
     show: bool,
 ) -> Result<()> {
@@ -324,10 +324,11 @@ pub fn pull(
         return report(&rep, "fetched", json);
     }
     let res = with_stream_client(src, "pull", |c| {
-        c.pull(
+        c.pull_with(
             store,
             name,
             as_name.unwrap_or(name),
+            deltas,
             &|r: &TransferReport| bar.update(r),
         )
     })?;

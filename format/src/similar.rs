@@ -50,7 +50,10 @@ const POOR: usize = 4;
 const DELTA_OVERHEAD: usize = 24;
 
 /// The default zstd level for deltas.
-pub const DEFAULT_LEVEL: i32 = 12;
+/// Measured on the small corpus: level 9 is within 3-5 % of level 12's
+/// bytes at a fifth to a tenth of its time (levels above 9 switch zstd to
+/// binary-tree match finders that index the whole base for every chunk).
+pub const DEFAULT_LEVEL: i32 = 9;
 
 fn hash_path(p: &[u8]) -> u64 {
     let p = p.strip_prefix(b"./").unwrap_or(p);
@@ -634,6 +637,19 @@ impl DeltaPlanner {
         Ok(())
     }
 
+    /// What kind of object `id` is to the planner, for diagnostics.
+    pub fn describe(&self, id: &ChunkId) -> &'static str {
+        match self.ctx.get(id) {
+            None => "unknown",
+            Some(Ctx::Whole(_)) => "object",
+            Some(Ctx::Stream { mapping, .. }) => match self.mappings[*mapping].kind {
+                StreamKind::Skeleton => "skeleton",
+                StreamKind::Data => "data",
+                StreamKind::Recon => "recon",
+            },
+        }
+    }
+
     /// Whether the planner knows anything about `id`.
     pub fn knows(&self, id: &ChunkId) -> bool {
         self.ctx.contains_key(id)
@@ -643,6 +659,7 @@ impl DeltaPlanner {
         &self,
         bases: Vec<BaseRef>,
         target: &[u8],
+        level: i32,
     ) -> Result<Option<(Vec<BaseRef>, Vec<u8>)>> {
         if bases.is_empty() {
             return Ok(None);
@@ -651,7 +668,7 @@ impl DeltaPlanner {
         if base.is_empty() {
             return Ok(None);
         }
-        let d = delta::encode(&base, target, self.level)?;
+        let d = delta::encode(&base, target, level)?;
         Ok(Some((bases, d)))
     }
 
@@ -683,7 +700,7 @@ impl DeltaPlanner {
                     break;
                 }
             }
-            if let Some((refs, d)) = self.try_bases(c, &target)? {
+            if let Some((refs, d)) = self.try_bases(c, &target, self.level)? {
                 if best.as_ref().is_none_or(|(_, bd)| d.len() < bd.len()) {
                     best = Some((refs, d));
                 }

@@ -165,7 +165,9 @@ pub fn read_bundle(store: &Arc<Store>, input: &mut dyn Read) -> Result<Vec<Strin
             };
             match f.kind {
                 Kind::Put => receiver.put(&f.payload)?,
-                Kind::PutDelta => receiver.put_delta(&f.payload)?,
+                Kind::PutDelta => {
+                    receiver.put_delta(&f.payload)?;
+                }
                 Kind::Publish => {
                     let msg: PublishMsg = serde_json::from_slice(&f.payload)
                         .map_err(|e| Error::Protocol(format!("bad PUBLISH: {e}")))?;

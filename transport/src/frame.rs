@@ -28,6 +28,10 @@ pub enum Kind {
     Bye = 0x19,
     /// Chunks as deltas against bases the receiver holds (PROTOCOL.md §9.2).
     PutDelta = 0x1a,
+    /// A pull client's base images (PROTOCOL.md §8.1).
+    DeltaBases = 0x1b,
+    /// GET whose reply may carry deltas.
+    GetDelta = 0x1c,
 }
 
 impl Kind {
@@ -48,6 +52,8 @@ impl Kind {
             0x18 => Publish,
             0x19 => Bye,
             0x1a => PutDelta,
+            0x1b => DeltaBases,
+            0x1c => GetDelta,
             _ => return None,
         })
     }

@@ -481,6 +481,7 @@ impl HttpClient {
                 software: String::new(),
                 role: String::new(),
                 read_only: true,
+                features: Vec::new(),
             },
             put_bytes: PUT_BYTES,
             in_flight: IN_FLIGHT,
@@ -609,6 +610,10 @@ impl HttpClient {
     ) -> Result<TransferReport> {
         let started = std::time::Instant::now();
         let r = store.require_ref(name)?;
+        let deltas = DeltaOptions {
+            enabled: deltas.enabled && self.server.speaks_deltas(),
+            ..deltas
+        };
         let with_wire = |g: &TransferReport| -> TransferReport {
             let mut g = g.clone();
             let (o, i) = self.wire_bytes();

@@ -179,6 +179,8 @@ pub fn encode_chunks(
     let mut plain: Vec<u8> = Vec::new();
     let mut deltas: Vec<DeltaChunk> = Vec::new();
     let mut delta_bytes = 0usize;
+    // Per-chunk sizes on stderr, for studying what deltas cost.
+    let debug = std::env::var_os("WHARF_DEBUG_DELTAS").is_some();
     for batch in ids.chunks(ENCODE_BATCH) {
         let encoded: Vec<Result<Encoded>> = batch
             .par_iter()
@@ -193,6 +195,15 @@ pub fn encode_chunks(
             .collect();
         for e in encoded {
             let (id, raw_len, stored, d) = e?;
+            if debug {
+                eprintln!(
+                    "delta-debug {} raw {} stored {} delta {}",
+                    planner.map(|p| p.describe(&id)).unwrap_or("-"),
+                    raw_len,
+                    stored.len(),
+                    d.as_ref().map(|d| d.delta.len() as i64).unwrap_or(-1)
+                );
+            }
             rep.chunks_sent += 1;
             match d {
                 Some(d) => {

@@ -14,6 +14,7 @@ use std::collections::{HashSet, VecDeque};
 use std::io::{Read, Write};
 use std::sync::Arc;
 use wharf_format::delta::BaseResolver;
+use wharf_format::similar::DeltaPlanner;
 use wharf_format::store::{ChunkWriter, RefValue};
 use wharf_format::{ChunkId, Store};
 
@@ -38,6 +39,16 @@ pub struct Hello {
     pub role: String,
     #[serde(default)]
     pub read_only: bool,
+    /// Optional message sets this side understands; "deltas" = PUT_DELTA,
+    /// DELTA_BASES and GET_DELTA (PROTOCOL.md §9.2). Absent from older peers.
+    #[serde(default)]
+    pub features: Vec<String>,
+}
+
+impl Hello {
+    pub fn speaks_deltas(&self) -> bool {
+        self.features.iter().any(|f| f == "deltas")
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -102,6 +113,7 @@ pub(crate) fn hello(role: &str, read_only: bool) -> Vec<u8> {
         software: format!("wharf {}", env!("CARGO_PKG_VERSION")),
         role: role.into(),
         read_only,
+        features: vec!["deltas".into()],
     })
     .unwrap_or_default()
 }
@@ -134,6 +146,16 @@ pub(crate) fn check_hello(payload: &[u8]) -> Result<Hello> {
     Ok(h)
 }
 
+/// What became of one delta a receiver was sent.
+#[derive(Debug, Clone, Copy)]
+pub enum DeltaOutcome {
+    /// Rebuilt, verified, stored as this chunk.
+    Stored(ChunkId),
+    /// Not applied (base missing here, or the rebuild failed its check);
+    /// the chunk is known only by its check prefix.
+    Failed([u8; wharf_format::delta::CHECK_LEN]),
+}
+
 /// Reads chunks into the store: verifies each, and publishes names only
 /// when complete. Shared by the server (push) and by `unbundle`.
 pub struct Receiver {
@@ -164,7 +186,7 @@ impl Receiver {
 
     /// Rebuilds the chunks of a PUT_DELTA payload from bases in this store,
     /// checks each against its hash, and stores it as an ordinary chunk.
-    pub fn put_delta(&mut self, payload: &[u8]) -> Result<()> {
+    pub fn put_delta(&mut self, payload: &[u8]) -> Result<Vec<DeltaOutcome>> {
         let deltas = wharf_format::delta::decode_frame(payload)?;
         let resolver = self
             .resolver
@@ -175,14 +197,19 @@ impl Receiver {
         let w = self.writer()?;
         let mut new = 0;
         let mut failures = Vec::new();
-        for r in rebuilt {
+        let mut out = Vec::with_capacity(rebuilt.len());
+        for (r, d) in rebuilt.into_iter().zip(&deltas) {
             match r {
                 Ok((id, raw)) => {
                     if w.put_with_id(id, &raw)? {
                         new += 1;
                     }
+                    out.push(DeltaOutcome::Stored(id));
                 }
-                Err(e) => failures.push(e.to_string()),
+                Err(e) => {
+                    failures.push(e.to_string());
+                    out.push(DeltaOutcome::Failed(d.check));
+                }
             }
         }
         self.new_chunks += new;
@@ -190,7 +217,7 @@ impl Receiver {
         if self.first_delta_failure.is_none() {
             self.first_delta_failure = failures.into_iter().next();
         }
-        Ok(())
+        Ok(out)
     }
 
     fn writer(&mut self) -> Result<&ChunkWriter> {
@@ -268,6 +295,27 @@ impl Receiver {
     }
 }
 
+/// Most candidate bases a DELTA_BASES message may offer.
+pub const MAX_DELTA_BASES: usize = 64;
+
+/// DELTA_BASES: the recipe being pulled, then the recipes the client holds.
+pub(crate) fn encode_delta_bases(target: &ChunkId, cands: &[ChunkId]) -> Vec<u8> {
+    let mut ids = vec![*target];
+    ids.extend(cands.iter().take(MAX_DELTA_BASES).copied());
+    encode_ids(&ids)
+}
+
+pub(crate) fn decode_delta_bases(payload: &[u8]) -> Result<(ChunkId, Vec<ChunkId>)> {
+    let ids = decode_ids(payload)?;
+    match ids.split_first() {
+        Some((t, rest)) if rest.len() <= MAX_DELTA_BASES => Ok((*t, rest.to_vec())),
+        _ => Err(Error::Protocol(format!(
+            "DELTA_BASES with {} ids (1 target and at most {MAX_DELTA_BASES} bases)",
+            ids.len()
+        ))),
+    }
+}
+
 /// The reply to HAS: one bit per id, set when the store holds that chunk.
 /// Shared by the stream server and the HTTP server.
 pub(crate) fn answer_has(store: &Store, payload: &[u8]) -> Result<Vec<u8>> {
@@ -340,6 +388,8 @@ fn serve_loop(
     receiver: &mut Receiver,
 ) -> Result<()> {
     let mut complete: Option<HashSet<ChunkId>> = None;
+    // Set by DELTA_BASES for the GET_DELTA requests of a pull.
+    let mut pull_planner: Option<DeltaPlanner> = None;
     loop {
         let Some(f) = read_frame(input)? else {
             return Ok(());
@@ -384,6 +434,49 @@ fn serve_loop(
                 if !buf.is_empty() {
                     write_frame(output, Kind::Chunks, &buf)?;
                 }
+            }
+            Kind::DeltaBases => {
+                let (target, cands) = decode_delta_bases(&f.payload)?;
+                let usable: Vec<bool> = cands
+                    .iter()
+                    .map(|c| wharf_format::extract::load_recipe(store, c).is_ok())
+                    .collect();
+                let mut bases: Vec<ChunkId> = cands
+                    .iter()
+                    .zip(&usable)
+                    .filter(|(_, u)| **u)
+                    .map(|(c, _)| *c)
+                    .collect();
+                bases.truncate(send::MAX_BASE_IMAGES);
+                let chosen: HashSet<ChunkId> = bases.iter().copied().collect();
+                pull_planner = if store.contains(&target) {
+                    send::planner(store, &target, &bases, DeltaOptions::default())?
+                } else {
+                    None
+                };
+                let used = cands
+                    .iter()
+                    .map(|c| pull_planner.is_some() && chosen.contains(c));
+                write_frame(output, Kind::HasReply, &bitmap(used))?;
+            }
+            Kind::GetDelta => {
+                let ids = decode_ids(&f.payload)?;
+                let mut rep = TransferReport::default();
+                send::encode_chunks(
+                    store,
+                    pull_planner.as_ref(),
+                    &ids,
+                    FRAME_BYTES,
+                    &mut rep,
+                    &mut |kind, payload, _| {
+                        let kind = if kind == Kind::Put {
+                            Kind::Chunks
+                        } else {
+                            kind
+                        };
+                        write_frame(output, kind, &payload)
+                    },
+                )?;
             }
             Kind::Put => {
                 if read_only {
@@ -549,6 +642,10 @@ impl<R: Read, W: Write> Client<R, W> {
         progress: &dyn Fn(&TransferReport),
     ) -> Result<TransferReport> {
         let r = store.require_ref(name)?;
+        let deltas = DeltaOptions {
+            enabled: deltas.enabled && self.server.speaks_deltas(),
+            ..deltas
+        };
         let mut ask = |ids: &[ChunkId], layers: bool| self.ask_has(ids, layers);
         let bases = if deltas.enabled {
             let cands = send::candidate_bases(store, name, &r.recipe)?;
@@ -590,12 +687,26 @@ impl<R: Read, W: Write> Client<R, W> {
         Ok(rep)
     }
 
-    /// Fetches image `name` from the server into `store` as `as_name`.
+    /// Fetches image `name` from the server into `store` as `as_name`,
+    /// with chunks as deltas against images this store holds when the
+    /// server can make them.
     pub fn pull(
         &mut self,
         store: &Arc<Store>,
         name: &str,
         as_name: &str,
+        progress: &dyn Fn(&TransferReport),
+    ) -> Result<TransferReport> {
+        self.pull_with(store, name, as_name, DeltaOptions::default(), progress)
+    }
+
+    /// [`Client::pull`] with explicit delta options.
+    pub fn pull_with(
+        &mut self,
+        store: &Arc<Store>,
+        name: &str,
+        as_name: &str,
+        deltas: DeltaOptions,
         progress: &dyn Fn(&TransferReport),
     ) -> Result<TransferReport> {
         let started = std::time::Instant::now();
@@ -609,6 +720,19 @@ impl<R: Read, W: Write> Client<R, W> {
         };
         let _lock = store.lock(false)?;
         let mut receiver = Receiver::new(store.clone());
+        // Offer the server this store's images as bases; it answers which
+        // it holds too and will make deltas against.
+        let mut use_deltas = false;
+        if deltas.enabled && self.server.speaks_deltas() {
+            let cands = send::candidate_bases(store, name, &r.recipe)?;
+            if !cands.is_empty() {
+                self.send(Kind::DeltaBases, &encode_delta_bases(&r.recipe, &cands))?;
+                let map = expect(&mut self.input, Kind::HasReply)?;
+                use_deltas = (0..cands.len()).any(|i| bit(&map, i));
+            }
+        }
+        // Chunks whose delta failed here are asked for whole next time.
+        let mut whole_only: HashSet<ChunkId> = HashSet::new();
         // Walk down the tree: whatever is missing is fetched (objects needed
         // to walk further first), until nothing is missing.
         let mut rounds = 0usize;
@@ -629,27 +753,71 @@ impl<R: Read, W: Write> Client<R, W> {
             // still writing requests while the server writes a reply could
             // block both on small pipes. Batches are large instead.
             for batch in missing.chunks(GET_BATCH) {
-                self.send(Kind::Get, &encode_ids(batch))?;
-                let mut want = batch.iter();
+                let delta_ok = use_deltas && !batch.iter().any(|i| whole_only.contains(i));
+                let kind = if delta_ok { Kind::GetDelta } else { Kind::Get };
+                self.send(kind, &encode_ids(batch))?;
+                let mut want: HashSet<ChunkId> = batch.iter().copied().collect();
                 let mut left = batch.len();
                 while left > 0 {
-                    let payload = expect(&mut self.input, Kind::Chunks)?;
-                    let chunks = decode_chunks(&payload)?;
-                    if chunks.is_empty() || chunks.len() > left {
-                        return Err(Error::Protocol(
-                            "CHUNKS reply does not match the request".into(),
-                        ));
+                    let f = read_frame(&mut self.input)?.ok_or_else(|| {
+                        Error::Protocol("connection closed while waiting for CHUNKS".into())
+                    })?;
+                    match f.kind {
+                        Kind::Chunks => {
+                            let chunks = decode_chunks(&f.payload)?;
+                            if chunks.is_empty() || chunks.len() > left {
+                                return Err(Error::Protocol(
+                                    "CHUNKS reply does not match the request".into(),
+                                ));
+                            }
+                            // A server may only answer with what was asked.
+                            if !chunks.iter().all(|c| want.remove(&c.id)) {
+                                return Err(Error::Protocol(
+                                    "CHUNKS reply carries chunks that were not asked for".into(),
+                                ));
+                            }
+                            rep.payload_bytes += f.payload.len() as u64;
+                            receiver.put(&f.payload)?;
+                            rep.chunks_sent += chunks.len() as u64;
+                            left -= chunks.len();
+                        }
+                        Kind::PutDelta if delta_ok => {
+                            let outcomes = receiver.put_delta(&f.payload)?;
+                            if outcomes.is_empty() || outcomes.len() > left {
+                                return Err(Error::Protocol(
+                                    "delta reply does not match the request".into(),
+                                ));
+                            }
+                            for o in &outcomes {
+                                match o {
+                                    DeltaOutcome::Stored(id) => {
+                                        if !want.remove(id) {
+                                            return Err(Error::Protocol(
+                                                "delta reply rebuilt a chunk that was not asked for"
+                                                    .into(),
+                                            ));
+                                        }
+                                    }
+                                    DeltaOutcome::Failed(check) => {
+                                        whole_only.extend(
+                                            want.iter().filter(|i| i.0[..check.len()] == check[..]),
+                                        );
+                                    }
+                                }
+                            }
+                            rep.payload_bytes += f.payload.len() as u64;
+                            rep.delta_bytes += f.payload.len() as u64;
+                            rep.delta_chunks += outcomes.len() as u64;
+                            rep.chunks_sent += outcomes.len() as u64;
+                            left -= outcomes.len();
+                        }
+                        Kind::Error => {
+                            return Err(Error::Remote(
+                                String::from_utf8_lossy(&f.payload).into_owned(),
+                            ))
+                        }
+                        k => return Err(Error::Protocol(format!("expected CHUNKS, got {k:?}"))),
                     }
-                    // A server may only answer with what was asked, in order.
-                    if !chunks.iter().all(|c| want.next() == Some(&c.id)) {
-                        return Err(Error::Protocol(
-                            "CHUNKS reply carries chunks that were not asked for".into(),
-                        ));
-                    }
-                    rep.payload_bytes += payload.len() as u64;
-                    receiver.put(&payload)?;
-                    rep.chunks_sent += chunks.len() as u64;
-                    left -= chunks.len();
                 }
                 rep.wire_bytes_in = self.input.count;
                 progress(&rep);
