@@ -84,6 +84,51 @@ pub enum BaseRef {
         off: u64,
         len: u64,
     },
+    /// The ids and lengths of `count` chunks rebuilt from deltas earlier in
+    /// the same frame, from the `first`-th: as list entries (32-byte id, u32
+    /// LE length) or, with `json`, as a node's JSON spells them
+    /// (`["<hex>",<len>],`). A new list piece or node names mostly chunks
+    /// sent just before it; this base spares it 32 bytes for each.
+    Sent { first: u32, count: u32, json: bool },
+}
+
+/// Most entries one `Sent` base may span.
+pub const MAX_SENT: u32 = 8192;
+
+/// The chunks rebuilt so far in one frame, in order: what `Sent` bases
+/// refer to.
+#[derive(Default)]
+pub struct SentIndex {
+    pub entries: Vec<(ChunkId, u32)>,
+    pub pos: HashMap<ChunkId, usize>,
+}
+
+impl SentIndex {
+    pub fn push(&mut self, id: ChunkId, len: u32) {
+        self.pos.entry(id).or_insert(self.entries.len());
+        self.entries.push((id, len));
+    }
+
+    fn bytes(&self, first: u32, count: u32, json: bool, out: &mut Vec<u8>) -> Result<()> {
+        let end = (first as usize)
+            .checked_add(count as usize)
+            .filter(|&e| e <= self.entries.len() && count <= MAX_SENT)
+            .ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "delta base names sent entries {first}+{count}, but only {} came before it",
+                    self.entries.len()
+                ))
+            })?;
+        for (id, len) in &self.entries[first as usize..end] {
+            if json {
+                out.extend_from_slice(format!("[\"{}\",{}],", id.to_hex(), len).as_bytes());
+            } else {
+                out.extend_from_slice(&id.0);
+                out.extend_from_slice(&len.to_le_bytes());
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A chunk as a delta: what a sender puts on the wire.
@@ -220,6 +265,11 @@ pub fn encode_frame(chunks: &[DeltaChunk]) -> Vec<u8> {
                     put_varint(&mut out, *off);
                     put_varint(&mut out, *len);
                 }
+                BaseRef::Sent { first, count, json } => {
+                    out.push(if *json { 3 } else { 2 });
+                    put_varint(&mut out, *first as u64);
+                    put_varint(&mut out, *count as u64);
+                }
             }
         }
         put_varint(&mut out, c.delta.len() as u64);
@@ -287,6 +337,22 @@ pub fn decode_frame(b: &[u8]) -> Result<Vec<WireDelta>> {
                         stream,
                         off,
                         len,
+                    });
+                }
+                2 | 3 => {
+                    let first = get_varint(b, &mut pos)?;
+                    let count = get_varint(b, &mut pos)?;
+                    if first > out.len() as u64 || count > MAX_SENT as u64 {
+                        return Err(Error::Corrupt(format!(
+                            "delta base names sent entries {first}+{count} at entry {}",
+                            out.len()
+                        )));
+                    }
+                    total = total.saturating_add(count * 100);
+                    bases.push(BaseRef::Sent {
+                        first: first as u32,
+                        count: count as u32,
+                        json: tag == 3,
                     });
                 }
                 t => return Err(Error::Corrupt(format!("delta base with unknown tag {t}"))),
@@ -426,11 +492,14 @@ impl BaseResolver {
     }
 
     /// The concatenated bytes of `bases`.
-    pub fn base_bytes(&self, bases: &[BaseRef]) -> Result<Vec<u8>> {
+    pub fn base_bytes(&self, bases: &[BaseRef], sent: &SentIndex) -> Result<Vec<u8>> {
         let mut out = Vec::new();
         for b in bases {
             match b {
                 BaseRef::Chunk(id) => out.extend_from_slice(&self.chunk(id)?),
+                BaseRef::Sent { first, count, json } => {
+                    sent.bytes(*first, *count, *json, &mut out)?
+                }
                 BaseRef::Range {
                     node,
                     stream,
@@ -467,10 +536,37 @@ impl BaseResolver {
         Ok(out)
     }
 
+    /// Rebuilds every delta of a frame, in parallel where no `Sent` base
+    /// ties one to those before it. Each result is the chunk or why not.
+    pub fn apply_frame(&self, deltas: &[WireDelta]) -> Vec<Result<(ChunkId, Vec<u8>)>> {
+        use rayon::prelude::*;
+        let uses_sent = |d: &WireDelta| d.bases.iter().any(|b| matches!(b, BaseRef::Sent { .. }));
+        let empty = SentIndex::default();
+        let mut out: Vec<Option<Result<(ChunkId, Vec<u8>)>>> = deltas
+            .par_iter()
+            .map(|d| (!uses_sent(d)).then(|| self.apply(d, &empty)))
+            .collect();
+        let mut sent = SentIndex::default();
+        for (i, d) in deltas.iter().enumerate() {
+            if out[i].is_none() {
+                out[i] = Some(self.apply(d, &sent));
+            }
+            // A failed entry still takes its place, so later positions hold;
+            // a base spanning it then fails its own check.
+            match &out[i] {
+                Some(Ok((id, raw))) => sent.push(*id, raw.len() as u32),
+                _ => sent.push(ChunkId::default(), 0),
+            }
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::Corrupt("delta not applied".into()))))
+            .collect()
+    }
+
     /// Rebuilds the chunk a delta carries and checks it against its check
     /// value. A base this store lacks is a `MissingChunk` error.
-    pub fn apply(&self, d: &WireDelta) -> Result<(ChunkId, Vec<u8>)> {
-        let base = self.base_bytes(&d.bases)?;
+    pub fn apply(&self, d: &WireDelta, sent: &SentIndex) -> Result<(ChunkId, Vec<u8>)> {
+        let base = self.base_bytes(&d.bases, sent)?;
         let raw = decode(&base, &d.delta, d.raw_len as usize)?;
         let id = ChunkId::of(&raw);
         if id.0[..CHECK_LEN] != d.check {
@@ -520,10 +616,17 @@ mod tests {
             ],
             delta: vec![1, 2, 3],
         };
-        let f = encode_frame(&[c.clone(), c.clone()]);
+        let mut c2 = c.clone();
+        c2.bases.push(BaseRef::Sent {
+            first: 0,
+            count: 1,
+            json: true,
+        });
+        let f = encode_frame(&[c.clone(), c2.clone()]);
         let got = decode_frame(&f).unwrap();
         assert_eq!(got.len(), 2);
-        assert_eq!(got[1].bases, c.bases);
+        assert_eq!(got[0].bases, c.bases);
+        assert_eq!(got[1].bases, c2.bases);
         assert_eq!(got[1].check[..], c.id.0[..CHECK_LEN]);
         for cut in 1..f.len() {
             // Every truncation is an error, not a panic (some prefixes are

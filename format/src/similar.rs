@@ -19,7 +19,7 @@
 //! smaller than the chunk as stored, and a second candidate is tried when
 //! the first is poor. Every base is bounded in size, so the cost per chunk is.
 
-use crate::delta::{self, BaseRef, BaseResolver, DeltaChunk, StreamKind};
+use crate::delta::{self, BaseRef, BaseResolver, DeltaChunk, SentIndex, StreamKind};
 use crate::error::Result;
 use crate::extract::load_recipe;
 use crate::hash::ChunkId;
@@ -342,6 +342,44 @@ enum Ctx {
     Whole(ChunkId),
 }
 
+/// The span of `sent` whose chunks `target` (a node or a list piece)
+/// names, as a base in the form the target spells ids.
+fn sent_base(id: &ChunkId, target: &[u8], sent: &SentIndex) -> Option<BaseRef> {
+    if sent.entries.is_empty() {
+        return None;
+    }
+    let (named, json): (Vec<ChunkId>, bool) = match Node::decode(target, id) {
+        Ok(n) => {
+            let mut ids = Vec::new();
+            for k in [StreamKind::Skeleton, StreamKind::Data, StreamKind::Recon] {
+                if let Some(s) = k.of(&n) {
+                    ids.extend(s.entries.iter().map(|e| e.0));
+                }
+            }
+            (ids, true)
+        }
+        Err(_) => (
+            decode_entries(target, id)
+                .ok()?
+                .iter()
+                .map(|e| e.0)
+                .collect(),
+            false,
+        ),
+    };
+    let pos: Vec<usize> = named
+        .iter()
+        .filter_map(|i| sent.pos.get(i).copied())
+        .collect();
+    let (lo, hi) = (*pos.iter().min()?, *pos.iter().max()?);
+    let count = (hi - lo + 1).min(delta::MAX_SENT as usize);
+    Some(BaseRef::Sent {
+        first: lo as u32,
+        count: count as u32,
+        json,
+    })
+}
+
 /// What the planner did, for reports.
 #[derive(Default, Debug, Clone, Copy, serde::Serialize)]
 pub struct PlannerStats {
@@ -657,6 +695,7 @@ impl DeltaPlanner {
 
     fn try_bases(
         &self,
+        sent: &SentIndex,
         bases: Vec<BaseRef>,
         target: &[u8],
         level: i32,
@@ -664,7 +703,7 @@ impl DeltaPlanner {
         if bases.is_empty() {
             return Ok(None);
         }
-        let base = self.resolver.base_bytes(&bases)?;
+        let base = self.resolver.base_bytes(&bases, sent)?;
         if base.is_empty() {
             return Ok(None);
         }
@@ -676,13 +715,35 @@ impl DeltaPlanner {
     /// (its size as stored, the alternative on the wire); `None` to send it
     /// as it is.
     pub fn encode(&self, id: &ChunkId, stored_len: usize) -> Result<Option<DeltaChunk>> {
+        self.encode_after(id, stored_len, &SentIndex::default())
+    }
+
+    /// Whether `id` is an object (node, list piece, block map) rather than
+    /// stream content: objects name other chunks, and are best sent after
+    /// them with a `Sent` base.
+    pub fn is_object(&self, id: &ChunkId) -> bool {
+        matches!(self.ctx.get(id), Some(Ctx::Whole(_)))
+    }
+
+    /// [`DeltaPlanner::encode`] for a delta placed after the chunks in
+    /// `sent` in the same frame: an object may then use them as base.
+    pub fn encode_after(
+        &self,
+        id: &ChunkId,
+        stored_len: usize,
+        sent: &SentIndex,
+    ) -> Result<Option<DeltaChunk>> {
         let Some(ctx) = self.ctx.get(id) else {
             return Ok(None);
         };
         let target = self.resolver.chunk(id)?;
         let mut cands: Vec<Vec<BaseRef>> = Vec::new();
         match ctx {
-            Ctx::Whole(b) => cands.push(vec![BaseRef::Chunk(*b)]),
+            Ctx::Whole(b) => {
+                let mut bases = vec![BaseRef::Chunk(*b)];
+                bases.extend(sent_base(id, &target, sent));
+                cands.push(bases);
+            }
             Ctx::Stream { mapping, off } => {
                 let m = &self.mappings[*mapping];
                 let (a, b) = (*off, off + target.len() as u64);
@@ -700,7 +761,7 @@ impl DeltaPlanner {
                     break;
                 }
             }
-            if let Some((refs, d)) = self.try_bases(c, &target, self.level)? {
+            if let Some((refs, d)) = self.try_bases(sent, c, &target, self.level)? {
                 if best.as_ref().is_none_or(|(_, bd)| d.len() < bd.len()) {
                     best = Some((refs, d));
                 }

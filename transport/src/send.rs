@@ -9,7 +9,7 @@ use crate::Result;
 use rayon::prelude::*;
 use std::collections::HashSet;
 use std::sync::Arc;
-use wharf_format::delta::{encode_frame, BaseResolver, DeltaChunk};
+use wharf_format::delta::{encode_frame, BaseResolver, DeltaChunk, SentIndex};
 use wharf_format::extract::load_recipe;
 use wharf_format::similar::DeltaPlanner;
 use wharf_format::{ChunkId, Store};
@@ -176,77 +176,122 @@ pub fn encode_chunks(
     rep: &mut TransferReport,
     emit: &mut Emit<'_>,
 ) -> Result<()> {
-    let mut plain: Vec<u8> = Vec::new();
-    let mut deltas: Vec<DeltaChunk> = Vec::new();
-    let mut delta_bytes = 0usize;
-    // Per-chunk sizes on stderr, for studying what deltas cost.
-    let debug = std::env::var_os("WHARF_DEBUG_DELTAS").is_some();
-    for batch in ids.chunks(ENCODE_BATCH) {
-        let encoded: Vec<Result<Encoded>> = batch
-            .par_iter()
-            .map(|id| {
-                let (raw_len, stored) = store.read_stored(id)?;
-                let d = match planner {
-                    Some(p) if p.knows(id) => p.encode(id, stored.len())?,
-                    _ => None,
-                };
-                Ok((*id, raw_len, stored, d))
-            })
-            .collect();
-        for e in encoded {
-            let (id, raw_len, stored, d) = e?;
-            if debug {
-                eprintln!(
-                    "delta-debug {} raw {} stored {} delta {}",
-                    planner.map(|p| p.describe(&id)).unwrap_or("-"),
-                    raw_len,
-                    stored.len(),
-                    d.as_ref().map(|d| d.delta.len() as i64).unwrap_or(-1)
-                );
+    let mut out = Outgoing {
+        plain: Vec::new(),
+        deltas: Vec::new(),
+        sent: SentIndex::default(),
+        delta_bytes: 0,
+        frame_bytes,
+        debug: std::env::var_os("WHARF_DEBUG_DELTAS").is_some(),
+    };
+    // Objects (nodes, list pieces) go last, so that their deltas can name
+    // the chunks sent before them in the same frame instead of spelling
+    // their ids.
+    let (objects, content): (Vec<ChunkId>, Vec<ChunkId>) = ids
+        .iter()
+        .partition(|id| planner.is_some_and(|p| p.is_object(id)));
+    for (list, last) in [(&content, false), (&objects, true)] {
+        for batch in list.chunks(ENCODE_BATCH) {
+            if last && out.delta_bytes >= frame_bytes {
+                out.flush_deltas(rep, emit)?;
             }
-            rep.chunks_sent += 1;
-            match d {
-                Some(d) => {
-                    rep.delta_chunks += 1;
-                    rep.delta_raw_bytes += raw_len as u64;
-                    rep.delta_instead_of += stored.len() as u64;
-                    delta_bytes += d.delta.len() + 48;
-                    deltas.push(d);
-                }
-                None => {
-                    rep.payload_bytes += stored.len() as u64;
-                    encode_chunk(
-                        &mut plain,
-                        &WireChunk {
-                            id,
-                            raw_len,
-                            stored,
-                        },
-                    );
-                }
-            }
-            if plain.len() >= frame_bytes {
-                emit(Kind::Put, std::mem::take(&mut plain), rep)?;
-            }
-            if delta_bytes >= frame_bytes {
-                let f = encode_frame(&std::mem::take(&mut deltas));
-                delta_bytes = 0;
-                rep.delta_bytes += f.len() as u64;
-                rep.payload_bytes += f.len() as u64;
-                emit(Kind::PutDelta, f, rep)?;
+            let sent = &out.sent;
+            let encoded: Vec<Result<Encoded>> = batch
+                .par_iter()
+                .map(|id| {
+                    let (raw_len, stored) = store.read_stored(id)?;
+                    let d = match planner {
+                        Some(p) if p.knows(id) => p.encode_after(id, stored.len(), sent)?,
+                        _ => None,
+                    };
+                    Ok((*id, raw_len, stored, d))
+                })
+                .collect();
+            for e in encoded {
+                out.add(e?, planner, rep, emit, !last)?;
             }
         }
     }
-    if !plain.is_empty() {
-        emit(Kind::Put, plain, rep)?;
+    if !out.plain.is_empty() {
+        emit(Kind::Put, std::mem::take(&mut out.plain), rep)?;
     }
-    if !deltas.is_empty() {
-        let f = encode_frame(&deltas);
+    out.flush_deltas(rep, emit)
+}
+
+/// Payloads being filled.
+struct Outgoing {
+    plain: Vec<u8>,
+    deltas: Vec<DeltaChunk>,
+    /// The chunks of `deltas`, as the receiver will know them.
+    sent: SentIndex,
+    delta_bytes: usize,
+    frame_bytes: usize,
+    debug: bool,
+}
+
+impl Outgoing {
+    fn flush_deltas(&mut self, rep: &mut TransferReport, emit: &mut Emit<'_>) -> Result<()> {
+        if self.deltas.is_empty() {
+            return Ok(());
+        }
+        let f = encode_frame(&std::mem::take(&mut self.deltas));
+        self.sent = SentIndex::default();
+        self.delta_bytes = 0;
         rep.delta_bytes += f.len() as u64;
         rep.payload_bytes += f.len() as u64;
-        emit(Kind::PutDelta, f, rep)?;
+        emit(Kind::PutDelta, f, rep)
     }
-    Ok(())
+
+    /// Adds one encoded chunk; `may_cut`: whether the delta frame may be
+    /// sent now (not while objects that refer back into it are added).
+    fn add(
+        &mut self,
+        (id, raw_len, stored, d): Encoded,
+        planner: Option<&DeltaPlanner>,
+        rep: &mut TransferReport,
+        emit: &mut Emit<'_>,
+        may_cut: bool,
+    ) -> Result<()> {
+        if self.debug {
+            // Per-chunk sizes on stderr, for studying what deltas cost.
+            eprintln!(
+                "delta-debug {} raw {} stored {} delta {}",
+                planner.map(|p| p.describe(&id)).unwrap_or("-"),
+                raw_len,
+                stored.len(),
+                d.as_ref().map(|d| d.delta.len() as i64).unwrap_or(-1)
+            );
+        }
+        rep.chunks_sent += 1;
+        match d {
+            Some(d) => {
+                rep.delta_chunks += 1;
+                rep.delta_raw_bytes += raw_len as u64;
+                rep.delta_instead_of += stored.len() as u64;
+                self.delta_bytes += d.delta.len() + 48;
+                self.sent.push(id, raw_len);
+                self.deltas.push(d);
+            }
+            None => {
+                rep.payload_bytes += stored.len() as u64;
+                encode_chunk(
+                    &mut self.plain,
+                    &WireChunk {
+                        id,
+                        raw_len,
+                        stored,
+                    },
+                );
+            }
+        }
+        if self.plain.len() >= self.frame_bytes {
+            emit(Kind::Put, std::mem::take(&mut self.plain), rep)?;
+        }
+        if may_cut && self.delta_bytes >= self.frame_bytes {
+            self.flush_deltas(rep, emit)?;
+        }
+        Ok(())
+    }
 }
 
 /// What pushing `name` would send, with deltas priced when `deltas` allows.

@@ -8,7 +8,6 @@ use crate::frame::{
 use crate::send::{self, DeltaOptions};
 use crate::walk;
 use crate::{Error, Result, PROTOCOL_VERSION};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashSet, VecDeque};
 use std::io::{Read, Write};
@@ -192,7 +191,7 @@ impl Receiver {
             .resolver
             .get_or_insert_with(|| Arc::new(BaseResolver::new(self.store.clone())))
             .clone();
-        let rebuilt: Vec<_> = deltas.par_iter().map(|d| resolver.apply(d)).collect();
+        let rebuilt = resolver.apply_frame(&deltas);
         self.received += rebuilt.len() as u64;
         let w = self.writer()?;
         let mut new = 0;
