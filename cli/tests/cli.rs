@@ -450,17 +450,20 @@ fn dry_runs_predict_the_push_and_move_nothing() {
         .output()
         .unwrap());
     let real: serde_json::Value = serde_json::from_str(&real).unwrap();
-    // Deltas' frames also carry a table of the nodes their bases lie in
-    // (33 bytes a node), which the per-chunk prediction leaves out.
+    // The prediction prices deltas layer by layer; the push puts every
+    // layer's deltas in one frame with one table of base nodes (33 bytes a
+    // node), and a node or list piece there may name content of other
+    // layers sent before it. So the two agree closely, not exactly.
     let paid = real["payload_bytes"].as_u64().unwrap();
     assert!(
-        paid >= predicted && paid <= predicted + 1024,
+        paid.abs_diff(predicted) <= predicted / 10 + 1024,
         "dry run {plan} vs push {real}"
     );
-    assert_eq!(
-        plan["delta_chunks"], real["delta_chunks"],
-        "{plan} vs {real}"
+    let (pc, rc) = (
+        plan["delta_chunks"].as_u64().unwrap(),
+        real["delta_chunks"].as_u64().unwrap(),
     );
+    assert!(pc.abs_diff(rc) <= 2, "{plan} vs {real}");
     assert!(real["delta_chunks"].as_u64().unwrap() > 0, "{real}");
 }
 

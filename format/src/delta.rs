@@ -131,13 +131,19 @@ impl SentIndex {
     }
 }
 
-/// A chunk as a delta: what a sender puts on the wire.
+/// Most chunks one delta may carry.
+pub const MAX_GROUP: usize = 64;
+
+/// One or more chunks as one delta: what a sender puts on the wire.
+/// Neighbouring chunks of a stream share their bases, so one zstd frame of
+/// their concatenation costs less, and less time, than one frame each.
 #[derive(Clone, Debug)]
 pub struct DeltaChunk {
-    pub id: ChunkId,
-    pub raw_len: u32,
+    /// The chunks, in order, with their lengths.
+    pub targets: Vec<(ChunkId, u32)>,
     pub bases: Vec<BaseRef>,
-    /// A zstd frame of the chunk, compressed with the bases as prefix.
+    /// A zstd frame of the chunks' concatenation, compressed with the bases
+    /// as prefix.
     pub delta: Vec<u8>,
 }
 
@@ -145,8 +151,8 @@ pub struct DeltaChunk {
 /// prefix until it has been rebuilt.
 #[derive(Clone, Debug)]
 pub struct WireDelta {
-    pub check: [u8; CHECK_LEN],
-    pub raw_len: u32,
+    /// Per chunk: its check prefix and length.
+    pub targets: Vec<([u8; CHECK_LEN], u32)>,
     pub bases: Vec<BaseRef>,
     pub delta: Vec<u8>,
 }
@@ -244,8 +250,11 @@ pub fn encode_frame(chunks: &[DeltaChunk]) -> Vec<u8> {
         out.extend_from_slice(&n.0);
     }
     for c in chunks {
-        out.extend_from_slice(&c.id.0[..CHECK_LEN]);
-        put_varint(&mut out, c.raw_len as u64);
+        put_varint(&mut out, c.targets.len() as u64);
+        for (id, len) in &c.targets {
+            out.extend_from_slice(&id.0[..CHECK_LEN]);
+            put_varint(&mut out, *len as u64);
+        }
         put_varint(&mut out, c.bases.len() as u64);
         for b in &c.bases {
             match b {
@@ -298,14 +307,33 @@ pub fn decode_frame(b: &[u8]) -> Result<Vec<WireDelta>> {
     for _ in 0..n_nodes {
         nodes.push(read_id(b, &mut pos)?);
     }
-    let mut out = Vec::new();
+    let mut out: Vec<WireDelta> = Vec::new();
+    // Chunks before the current delta: what a Sent base may span.
+    let mut chunks_before = 0u64;
     while pos < b.len() {
-        let mut check = [0u8; CHECK_LEN];
-        check.copy_from_slice(take(b, &mut pos, CHECK_LEN)?);
-        let raw_len = get_varint(b, &mut pos)?;
-        if raw_len > MAX_CHUNK_LEN as u64 {
+        let n = get_varint(b, &mut pos)? as usize;
+        if n == 0 || n > MAX_GROUP {
             return Err(Error::Corrupt(format!(
-                "delta of a {raw_len}-byte chunk (at most {MAX_CHUNK_LEN})"
+                "delta of {n} chunks (1 to {MAX_GROUP})"
+            )));
+        }
+        let mut targets = Vec::with_capacity(n);
+        let mut raw_total = 0u64;
+        for _ in 0..n {
+            let mut check = [0u8; CHECK_LEN];
+            check.copy_from_slice(take(b, &mut pos, CHECK_LEN)?);
+            let raw_len = get_varint(b, &mut pos)?;
+            if raw_len > MAX_CHUNK_LEN as u64 {
+                return Err(Error::Corrupt(format!(
+                    "delta of a {raw_len}-byte chunk (at most {MAX_CHUNK_LEN})"
+                )));
+            }
+            raw_total += raw_len;
+            targets.push((check, raw_len as u32));
+        }
+        if raw_total > MAX_CHUNK_LEN as u64 {
+            return Err(Error::Corrupt(format!(
+                "delta of {raw_total} bytes of chunks (at most {MAX_CHUNK_LEN})"
             )));
         }
         let n_bases = get_varint(b, &mut pos)? as usize;
@@ -342,10 +370,9 @@ pub fn decode_frame(b: &[u8]) -> Result<Vec<WireDelta>> {
                 2 | 3 => {
                     let first = get_varint(b, &mut pos)?;
                     let count = get_varint(b, &mut pos)?;
-                    if first > out.len() as u64 || count > MAX_SENT as u64 {
+                    if first.saturating_add(count) > chunks_before || count > MAX_SENT as u64 {
                         return Err(Error::Corrupt(format!(
-                            "delta base names sent entries {first}+{count} at entry {}",
-                            out.len()
+                            "delta base names sent chunks {first}+{count}, but {chunks_before} came before it"
                         )));
                     }
                     total = total.saturating_add(count * 100);
@@ -365,9 +392,9 @@ pub fn decode_frame(b: &[u8]) -> Result<Vec<WireDelta>> {
         }
         let dlen = get_varint(b, &mut pos)? as usize;
         let delta = take(b, &mut pos, dlen)?.to_vec();
+        chunks_before += n as u64;
         out.push(WireDelta {
-            check,
-            raw_len: raw_len as u32,
+            targets,
             bases,
             delta,
         });
@@ -537,12 +564,12 @@ impl BaseResolver {
     }
 
     /// Rebuilds every delta of a frame, in parallel where no `Sent` base
-    /// ties one to those before it. Each result is the chunk or why not.
-    pub fn apply_frame(&self, deltas: &[WireDelta]) -> Vec<Result<(ChunkId, Vec<u8>)>> {
+    /// ties one to those before it. Per delta: its chunks, or why not.
+    pub fn apply_frame(&self, deltas: &[WireDelta]) -> Vec<Result<Rebuilt>> {
         use rayon::prelude::*;
         let uses_sent = |d: &WireDelta| d.bases.iter().any(|b| matches!(b, BaseRef::Sent { .. }));
         let empty = SentIndex::default();
-        let mut out: Vec<Option<Result<(ChunkId, Vec<u8>)>>> = deltas
+        let mut out: Vec<Option<Result<Rebuilt>>> = deltas
             .par_iter()
             .map(|d| (!uses_sent(d)).then(|| self.apply(d, &empty)))
             .collect();
@@ -551,11 +578,19 @@ impl BaseResolver {
             if out[i].is_none() {
                 out[i] = Some(self.apply(d, &sent));
             }
-            // A failed entry still takes its place, so later positions hold;
-            // a base spanning it then fails its own check.
+            // A failed delta still takes its places, so later positions
+            // hold; a base spanning them then fails its own check.
             match &out[i] {
-                Some(Ok((id, raw))) => sent.push(*id, raw.len() as u32),
-                _ => sent.push(ChunkId::default(), 0),
+                Some(Ok(chunks)) => {
+                    for (id, raw) in chunks {
+                        sent.push(*id, raw.len() as u32);
+                    }
+                }
+                _ => {
+                    for _ in &d.targets {
+                        sent.push(ChunkId::default(), 0);
+                    }
+                }
             }
         }
         out.into_iter()
@@ -563,21 +598,32 @@ impl BaseResolver {
             .collect()
     }
 
-    /// Rebuilds the chunk a delta carries and checks it against its check
-    /// value. A base this store lacks is a `MissingChunk` error.
-    pub fn apply(&self, d: &WireDelta, sent: &SentIndex) -> Result<(ChunkId, Vec<u8>)> {
+    /// Rebuilds the chunks a delta carries and checks each against its
+    /// check value. A base this store lacks is a `MissingChunk` error.
+    pub fn apply(&self, d: &WireDelta, sent: &SentIndex) -> Result<Rebuilt> {
         let base = self.base_bytes(&d.bases, sent)?;
-        let raw = decode(&base, &d.delta, d.raw_len as usize)?;
-        let id = ChunkId::of(&raw);
-        if id.0[..CHECK_LEN] != d.check {
-            return Err(Error::Corrupt(format!(
-                "a delta rebuilt chunk {id}, whose hash does not start with the {} sent with it: corrupt delta or base",
-                hex::encode(d.check)
-            )));
+        let total: usize = d.targets.iter().map(|t| t.1 as usize).sum();
+        let raw = decode(&base, &d.delta, total)?;
+        let mut out = Vec::with_capacity(d.targets.len());
+        let mut at = 0usize;
+        for (check, len) in &d.targets {
+            let bytes = raw[at..at + *len as usize].to_vec();
+            at += *len as usize;
+            let id = ChunkId::of(&bytes);
+            if id.0[..CHECK_LEN] != check[..] {
+                return Err(Error::Corrupt(format!(
+                    "a delta rebuilt chunk {id}, whose hash does not start with the {} sent with it: corrupt delta or base",
+                    hex::encode(check)
+                )));
+            }
+            out.push((id, bytes));
         }
-        Ok((id, raw))
+        Ok(out)
     }
 }
+
+/// The chunks one delta rebuilt: ids and bytes.
+pub type Rebuilt = Vec<(ChunkId, Vec<u8>)>;
 
 #[cfg(test)]
 mod tests {
@@ -603,8 +649,7 @@ mod tests {
     #[test]
     fn frame_round_trip_and_garbage() {
         let c = DeltaChunk {
-            id: ChunkId::of(b"x"),
-            raw_len: 1,
+            targets: vec![(ChunkId::of(b"x"), 1), (ChunkId::of(b"y"), 7)],
             bases: vec![
                 BaseRef::Chunk(ChunkId::of(b"b")),
                 BaseRef::Range {
@@ -627,7 +672,17 @@ mod tests {
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].bases, c.bases);
         assert_eq!(got[1].bases, c2.bases);
-        assert_eq!(got[1].check[..], c.id.0[..CHECK_LEN]);
+        assert_eq!(got[1].targets[1].0[..], ChunkId::of(b"y").0[..CHECK_LEN]);
+        assert_eq!(got[1].targets[1].1, 7);
+        // A Sent base may not reach past the chunks before its delta.
+        let mut c3 = c.clone();
+        c3.bases = vec![BaseRef::Sent {
+            first: 1,
+            count: 2,
+            json: false,
+        }];
+        assert!(decode_frame(&encode_frame(&[c3.clone()])).is_err());
+        assert!(decode_frame(&encode_frame(&[c.clone(), c3])).is_ok());
         for cut in 1..f.len() {
             // Every truncation is an error, not a panic (some prefixes are
             // whole frames of fewer deltas, which is fine).

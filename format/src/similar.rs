@@ -42,6 +42,10 @@ const SLACK: u64 = 16 << 10;
 const BLIND_SLACK: u64 = 64 << 10;
 /// Most base bytes the planner offers one chunk.
 const PLAN_BASE_BYTES: u64 = 1 << 20;
+/// Most bytes of chunks (estimated by position) in one grouped delta.
+const GROUP_BYTES: u64 = 1 << 20;
+/// Most base bytes a grouped delta may use.
+const GROUP_BASE_BYTES: u64 = 4 << 20;
 /// A delta above this share of the stored chunk is poor enough to try the
 /// second candidate.
 const POOR: usize = 4;
@@ -302,7 +306,11 @@ impl Mapping {
     }
 
     /// Ranges merged, clamped to the old stream, bounded in total.
-    fn refs(&self, mut ranges: Vec<(u64, u64)>) -> Vec<BaseRef> {
+    fn refs(&self, ranges: Vec<(u64, u64)>) -> Vec<BaseRef> {
+        self.refs_capped(ranges, PLAN_BASE_BYTES)
+    }
+
+    fn refs_capped(&self, mut ranges: Vec<(u64, u64)>, cap: u64) -> Vec<BaseRef> {
         ranges.sort();
         let mut merged: Vec<(u64, u64)> = Vec::new();
         for (s, e) in ranges {
@@ -318,10 +326,10 @@ impl Mapping {
         let mut out = Vec::new();
         let mut total = 0u64;
         for (s, e) in merged {
-            if total >= PLAN_BASE_BYTES || out.len() >= delta::MAX_BASES {
+            if total >= cap || out.len() >= delta::MAX_BASES {
                 break;
             }
-            let e = e.min(s + (PLAN_BASE_BYTES - total));
+            let e = e.min(s + (cap - total));
             total += e - s;
             out.push(BaseRef::Range {
                 node: self.old_node,
@@ -770,11 +778,109 @@ impl DeltaPlanner {
         Ok(best.and_then(|(bases, d)| {
             let cost = d.len() + DELTA_OVERHEAD + bases.len() * 8;
             (cost < stored_len).then(|| DeltaChunk {
-                id: *id,
-                raw_len: target.len() as u32,
+                targets: vec![(*id, target.len() as u32)],
                 bases,
                 delta: d,
             })
         }))
+    }
+
+    /// Splits `ids` (in sending order) into runs that may travel as one
+    /// delta: neighbours in one mapped stream, in stream order, bounded in
+    /// count and bytes. Everything else is a run of one.
+    pub fn runs(&self, ids: &[ChunkId]) -> Vec<std::ops::Range<usize>> {
+        let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut prev: Option<(usize, u64)> = None;
+        let mut bytes = 0u64;
+        for (i, id) in ids.iter().enumerate() {
+            let here = match self.ctx.get(id) {
+                Some(Ctx::Stream { mapping, off }) => Some((*mapping, *off)),
+                _ => None,
+            };
+            let joins = match (prev, here, out.last()) {
+                (Some((pm, po)), Some((m, o)), Some(r)) => {
+                    pm == m && o > po && r.len() < delta::MAX_GROUP && bytes < GROUP_BYTES
+                }
+                _ => false,
+            };
+            if joins {
+                if let Some(r) = out.last_mut() {
+                    r.end = i + 1;
+                }
+            } else {
+                out.push(i..i + 1);
+                bytes = 0;
+            }
+            bytes += self
+                .resolver
+                .store()
+                .lookup(id)
+                .map(|l| l.raw_len as u64)
+                .unwrap_or(0);
+            prev = here;
+        }
+        out
+    }
+
+    /// Encodes a run from [`DeltaPlanner::runs`]: one delta for all of it
+    /// when that is smaller than its chunks as stored (`stored`), else each
+    /// chunk on its own. Returns, in order, the slices of the run and the
+    /// delta for each (`None`: send that one chunk as stored).
+    pub fn encode_run(
+        &self,
+        ids: &[ChunkId],
+        stored: &[usize],
+        sent: &SentIndex,
+    ) -> Result<Vec<(std::ops::Range<usize>, Option<DeltaChunk>)>> {
+        let singles = |me: &Self| -> Result<Vec<(std::ops::Range<usize>, Option<DeltaChunk>)>> {
+            ids.iter()
+                .zip(stored)
+                .enumerate()
+                .map(|(i, (id, st))| Ok((i..i + 1, me.encode_after(id, *st, sent)?)))
+                .collect()
+        };
+        if ids.len() < 2 {
+            return singles(self);
+        }
+        let mut target = Vec::new();
+        let mut targets = Vec::with_capacity(ids.len());
+        let mut ranges = Vec::new();
+        let mut mapping = None;
+        for id in ids {
+            let Some(Ctx::Stream { mapping: m, off }) = self.ctx.get(id) else {
+                return singles(self);
+            };
+            let c = self.resolver.chunk(id)?;
+            let mm = &self.mappings[*m];
+            let (a, b) = (*off, off + c.len() as u64);
+            let anchored = mm.anchored(a, b);
+            ranges.extend(if anchored.is_empty() {
+                mm.blind(a, b)
+            } else {
+                anchored
+            });
+            targets.push((*id, c.len() as u32));
+            target.extend_from_slice(&c);
+            mapping = Some(*m);
+        }
+        let Some(m) = mapping else {
+            return singles(self);
+        };
+        let bases = self.mappings[m].refs_capped(ranges, GROUP_BASE_BYTES);
+        let total_stored: usize = stored.iter().sum();
+        if let Some((bases, d)) = self.try_bases(sent, bases, &target, self.level)? {
+            let cost = d.len() + DELTA_OVERHEAD + bases.len() * 8 + ids.len() * 10;
+            if cost < total_stored {
+                return Ok(vec![(
+                    0..ids.len(),
+                    Some(DeltaChunk {
+                        targets,
+                        bases,
+                        delta: d,
+                    }),
+                )]);
+            }
+        }
+        singles(self)
     }
 }

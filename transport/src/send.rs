@@ -161,9 +161,74 @@ pub fn planner(
 /// Takes each payload ready to go, with the report so far.
 pub type Emit<'a> = dyn FnMut(Kind, Vec<u8>, &TransferReport) -> Result<()> + 'a;
 
-/// A chunk read for sending: id, raw length, bytes as stored, and the
-/// delta to send instead when there is a smaller one.
-type Encoded = (ChunkId, u32, Vec<u8>, Option<DeltaChunk>);
+/// What goes on the wire for some chunks: one as stored, or several as
+/// one delta.
+pub enum Unit {
+    /// Id, raw length, bytes as stored.
+    Plain(ChunkId, u32, Vec<u8>),
+    /// A delta and what its chunks would have cost as stored.
+    Delta(DeltaChunk, u64),
+}
+
+/// Encodes `ids` in order, in parallel: runs of neighbouring chunks as one
+/// delta, others each as a delta or as stored, whichever is smaller.
+/// Objects may refer back to the chunks in `sent`.
+pub fn encode_units(
+    store: &Store,
+    planner: Option<&DeltaPlanner>,
+    ids: &[ChunkId],
+    sent: &SentIndex,
+) -> Result<Vec<Unit>> {
+    let runs: Vec<std::ops::Range<usize>> = match planner {
+        Some(p) => p.runs(ids),
+        None => (0..ids.len()).map(|i| i..i + 1).collect(),
+    };
+    let per_run: Vec<Result<Vec<Unit>>> = runs
+        .par_iter()
+        .map(|r| {
+            let slice = &ids[r.clone()];
+            let mut stored = Vec::with_capacity(slice.len());
+            for id in slice {
+                stored.push(store.read_stored(id)?);
+            }
+            let plain = |stored: Vec<(u32, Vec<u8>)>| -> Vec<Unit> {
+                slice
+                    .iter()
+                    .zip(stored)
+                    .map(|(id, (raw, st))| Unit::Plain(*id, raw, st))
+                    .collect()
+            };
+            let Some(p) = planner.filter(|p| slice.iter().any(|i| p.knows(i))) else {
+                return Ok(plain(stored));
+            };
+            let lens: Vec<usize> = stored.iter().map(|s| s.1.len()).collect();
+            let parts = p.encode_run(slice, &lens, sent)?;
+            let mut stored: Vec<Option<(u32, Vec<u8>)>> = stored.into_iter().map(Some).collect();
+            let mut out = Vec::new();
+            for (range, d) in parts {
+                match d {
+                    Some(d) => {
+                        let instead: usize = lens[range].iter().sum();
+                        out.push(Unit::Delta(d, instead as u64));
+                    }
+                    None => {
+                        for i in range {
+                            if let Some((raw, st)) = stored[i].take() {
+                                out.push(Unit::Plain(slice[i], raw, st));
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .collect();
+    let mut out = Vec::with_capacity(ids.len());
+    for r in per_run {
+        out.extend(r?);
+    }
+    Ok(out)
+}
 
 /// Encodes `ids` (chunks the receiver lacks) as PUT payloads of chunks as
 /// stored and PUT_DELTA payloads of deltas, each about `frame_bytes`, and
@@ -195,20 +260,8 @@ pub fn encode_chunks(
             if last && out.delta_bytes >= frame_bytes {
                 out.flush_deltas(rep, emit)?;
             }
-            let sent = &out.sent;
-            let encoded: Vec<Result<Encoded>> = batch
-                .par_iter()
-                .map(|id| {
-                    let (raw_len, stored) = store.read_stored(id)?;
-                    let d = match planner {
-                        Some(p) if p.knows(id) => p.encode_after(id, stored.len(), sent)?,
-                        _ => None,
-                    };
-                    Ok((*id, raw_len, stored, d))
-                })
-                .collect();
-            for e in encoded {
-                out.add(e?, planner, rep, emit, !last)?;
+            for u in encode_units(store, planner, batch, &out.sent)? {
+                out.add(u, planner, rep, emit, !last)?;
             }
         }
     }
@@ -242,37 +295,47 @@ impl Outgoing {
         emit(Kind::PutDelta, f, rep)
     }
 
-    /// Adds one encoded chunk; `may_cut`: whether the delta frame may be
-    /// sent now (not while objects that refer back into it are added).
+    /// Adds one unit; `may_cut`: whether the delta frame may be sent now
+    /// (not while objects that refer back into it are added).
     fn add(
         &mut self,
-        (id, raw_len, stored, d): Encoded,
+        unit: Unit,
         planner: Option<&DeltaPlanner>,
         rep: &mut TransferReport,
         emit: &mut Emit<'_>,
         may_cut: bool,
     ) -> Result<()> {
-        if self.debug {
-            // Per-chunk sizes on stderr, for studying what deltas cost.
-            eprintln!(
-                "delta-debug {} raw {} stored {} delta {}",
-                planner.map(|p| p.describe(&id)).unwrap_or("-"),
-                raw_len,
-                stored.len(),
-                d.as_ref().map(|d| d.delta.len() as i64).unwrap_or(-1)
-            );
-        }
-        rep.chunks_sent += 1;
-        match d {
-            Some(d) => {
-                rep.delta_chunks += 1;
-                rep.delta_raw_bytes += raw_len as u64;
-                rep.delta_instead_of += stored.len() as u64;
-                self.delta_bytes += d.delta.len() + 48;
-                self.sent.push(id, raw_len);
+        match unit {
+            Unit::Delta(d, instead) => {
+                if self.debug {
+                    // Sizes on stderr, for studying what deltas cost.
+                    let raw: u64 = d.targets.iter().map(|t| t.1 as u64).sum();
+                    eprintln!(
+                        "delta-debug {} raw {raw} stored {instead} delta {} chunks {}",
+                        planner.map(|p| p.describe(&d.targets[0].0)).unwrap_or("-"),
+                        d.delta.len(),
+                        d.targets.len()
+                    );
+                }
+                rep.chunks_sent += d.targets.len() as u64;
+                rep.delta_chunks += d.targets.len() as u64;
+                rep.delta_raw_bytes += d.targets.iter().map(|t| t.1 as u64).sum::<u64>();
+                rep.delta_instead_of += instead;
+                self.delta_bytes += d.delta.len() + 16 + 12 * d.targets.len();
+                for (id, len) in &d.targets {
+                    self.sent.push(*id, *len);
+                }
                 self.deltas.push(d);
             }
-            None => {
+            Unit::Plain(id, raw_len, stored) => {
+                if self.debug {
+                    eprintln!(
+                        "delta-debug {} raw {raw_len} stored {} delta -1 chunks 1",
+                        planner.map(|p| p.describe(&id)).unwrap_or("-"),
+                        stored.len()
+                    );
+                }
+                rep.chunks_sent += 1;
                 rep.payload_bytes += stored.len() as u64;
                 encode_chunk(
                     &mut self.plain,

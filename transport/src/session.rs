@@ -192,25 +192,27 @@ impl Receiver {
             .get_or_insert_with(|| Arc::new(BaseResolver::new(self.store.clone())))
             .clone();
         let rebuilt = resolver.apply_frame(&deltas);
-        self.received += rebuilt.len() as u64;
         let w = self.writer()?;
         let mut new = 0;
         let mut failures = Vec::new();
-        let mut out = Vec::with_capacity(rebuilt.len());
+        let mut out = Vec::new();
         for (r, d) in rebuilt.into_iter().zip(&deltas) {
             match r {
-                Ok((id, raw)) => {
-                    if w.put_with_id(id, &raw)? {
-                        new += 1;
+                Ok(chunks) => {
+                    for (id, raw) in chunks {
+                        if w.put_with_id(id, &raw)? {
+                            new += 1;
+                        }
+                        out.push(DeltaOutcome::Stored(id));
                     }
-                    out.push(DeltaOutcome::Stored(id));
                 }
                 Err(e) => {
                     failures.push(e.to_string());
-                    out.push(DeltaOutcome::Failed(d.check));
+                    out.extend(d.targets.iter().map(|t| DeltaOutcome::Failed(t.0)));
                 }
             }
         }
+        self.received += out.len() as u64;
         self.new_chunks += new;
         self.delta_failures += failures.len() as u64;
         if self.first_delta_failure.is_none() {

@@ -1,8 +1,10 @@
 //! Which chunks an image consists of, and which of them a store lacks.
 
+use crate::send::{encode_units, Unit};
 use crate::Result;
-use rayon::prelude::*;
+use std::collections::HashMap;
 use std::collections::HashSet;
+use wharf_format::delta::SentIndex;
 use wharf_format::extract::load_recipe;
 use wharf_format::list::{ListReader, StreamRef};
 use wharf_format::recipe::{Node, NodeBody};
@@ -234,24 +236,45 @@ pub struct Plan {
 /// layers of published images.
 pub type HasOracle<'a> = dyn FnMut(&[ChunkId], bool) -> Result<Vec<bool>> + 'a;
 
-/// The wire cost of each of `ids` and whether it would go as a delta.
+/// The wire cost of each of `ids` as stored, and as its share of a delta
+/// when it would go as one: grouped as a push would group them, objects
+/// after content so they may name the content sent before them.
 fn costs(
     store: &Store,
     planner: Option<&DeltaPlanner>,
     ids: &[ChunkId],
 ) -> Result<Vec<(u64, Option<u64>)>> {
-    ids.par_iter()
-        .map(|id| {
-            let stored = store.lookup(id).map(|l| l.stored_len as u64).unwrap_or(0);
-            match planner {
-                Some(p) if p.knows(id) => Ok(match p.encode(id, stored as usize)? {
-                    Some(d) => (stored, Some(delta_entry_len(&d) as u64)),
-                    None => (stored, None),
-                }),
-                _ => Ok((stored, None)),
+    let is_object = |id: &ChunkId| planner.is_some_and(|p| p.is_object(id));
+    let content: Vec<ChunkId> = ids.iter().filter(|i| !is_object(i)).copied().collect();
+    let objects: Vec<ChunkId> = ids.iter().filter(|i| is_object(i)).copied().collect();
+    let mut priced: HashMap<ChunkId, (u64, Option<u64>)> = HashMap::new();
+    let mut sent = SentIndex::default();
+    for list in [&content, &objects] {
+        for u in encode_units(store, planner, list, &sent)? {
+            match u {
+                Unit::Plain(id, _, stored) => {
+                    priced.insert(id, (stored.len() as u64, None));
+                }
+                Unit::Delta(d, instead) => {
+                    // The delta's bytes are shared out by chunk, the first
+                    // taking the remainder, so the sum is exact.
+                    let total = delta_entry_len(&d) as u64;
+                    let n = d.targets.len() as u64;
+                    let each = total / n;
+                    for (i, (id, len)) in d.targets.iter().enumerate() {
+                        let share = if i == 0 { total - each * (n - 1) } else { each };
+                        let st = if i == 0 { instead } else { 0 };
+                        priced.insert(*id, (st, Some(share)));
+                        sent.push(*id, *len);
+                    }
+                }
             }
-        })
-        .collect()
+        }
+    }
+    Ok(ids
+        .iter()
+        .map(|i| priced.get(i).copied().unwrap_or((0, None)))
+        .collect())
 }
 
 /// Computes what pushing `name` would send, asking `has(ids, layers)` which
