@@ -72,9 +72,14 @@ pub fn write_bundle(
     let started = std::time::Instant::now();
     let r = store.require_ref(name)?;
     let bases = bundle_bases(store, name, have_names, have_ids)?;
-    let neg = send::negotiate(store, &r.recipe, &bases, &mut |ids, whole| {
-        Ok(ids.iter().map(|i| !whole && have_ids.contains(i)).collect())
-    })?;
+    let planner = send::planner(store, &r.recipe, &bases, deltas)?;
+    let neg = send::negotiate(
+        store,
+        &r.recipe,
+        &bases,
+        planner.as_ref(),
+        &mut |ids, whole| Ok(ids.iter().map(|i| !whole && have_ids.contains(i)).collect()),
+    )?;
     let mut rep = TransferReport {
         name: name.to_string(),
         image_bytes: r.len,
@@ -83,7 +88,6 @@ pub fn write_bundle(
         layers_skipped: neg.layers_skipped,
         ..Default::default()
     };
-    let planner = send::planner(store, &r.recipe, &bases, deltas)?;
     let mut out = crate::session::Counted {
         inner: out,
         count: 0,

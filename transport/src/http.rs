@@ -631,7 +631,8 @@ impl HttpClient {
         } else {
             Vec::new()
         };
-        let neg = send::negotiate(store, &r.recipe, &bases, &mut ask)?;
+        let planner = send::planner(store, &r.recipe, &bases, deltas)?;
+        let neg = send::negotiate(store, &r.recipe, &bases, planner.as_ref(), &mut ask)?;
         let mut rep = TransferReport {
             name: as_name.to_string(),
             image_bytes: r.len,
@@ -640,7 +641,6 @@ impl HttpClient {
             chunks_skipped: neg.total - neg.missing.len() as u64,
             ..Default::default()
         };
-        let planner = send::planner(store, &r.recipe, &bases, deltas)?;
         let latest = Mutex::new(rep.clone());
         // Bodies are built here and sent by `in_flight` threads.
         let (tx, rx) = std::sync::mpsc::sync_channel::<(Kind, Vec<u8>)>(self.in_flight);

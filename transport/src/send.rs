@@ -107,6 +107,7 @@ pub fn negotiate(
     store: &Store,
     recipe: &ChunkId,
     bases: &[ChunkId],
+    planner: Option<&DeltaPlanner>,
     has: &mut HasOracle<'_>,
 ) -> Result<Negotiated> {
     let mut known: HashSet<ChunkId> = HashSet::new();
@@ -126,14 +127,30 @@ pub fn negotiate(
         .map(|(i, _)| *i)
         .collect();
     let ids = walk::image_chunks(store, recipe, &skip)?;
-    let ask: Vec<ChunkId> = ids.iter().filter(|i| !known.contains(i)).copied().collect();
+    // Chunks of layers paired with a base layer that are not in any base
+    // are new content: the receiver is most unlikely to hold them, and
+    // asking would cost 32 bytes each where their deltas cost little more.
+    // Outside the layers (the outer tar's own objects) everything is
+    // asked: a receiver holding this very image under another name has them.
+    let all_layers: HashSet<ChunkId> = layer_ids.iter().copied().collect();
+    let outside: HashSet<ChunkId> = match planner {
+        Some(_) => walk::image_chunks(store, recipe, &all_layers)?
+            .into_iter()
+            .collect(),
+        None => HashSet::new(),
+    };
+    let (assume, ask): (Vec<ChunkId>, Vec<ChunkId>) = ids
+        .iter()
+        .filter(|i| !known.contains(i))
+        .partition(|i| !outside.contains(i) && planner.is_some_and(|p| p.knows(i)));
     let have = has(&ask, false)?;
-    let missing = ask
+    let mut missing: Vec<ChunkId> = ask
         .into_iter()
         .zip(have)
         .filter(|(_, h)| !h)
         .map(|(i, _)| i)
         .collect();
+    missing.extend(assume);
     Ok(Negotiated {
         missing,
         total: ids.len() as u64,

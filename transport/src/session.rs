@@ -654,7 +654,8 @@ impl<R: Read, W: Write> Client<R, W> {
         } else {
             Vec::new()
         };
-        let neg = send::negotiate(store, &r.recipe, &bases, &mut ask)?;
+        let planner = send::planner(store, &r.recipe, &bases, deltas)?;
+        let neg = send::negotiate(store, &r.recipe, &bases, planner.as_ref(), &mut ask)?;
         let mut rep = TransferReport {
             name: as_name.to_string(),
             image_bytes: r.len,
@@ -663,7 +664,6 @@ impl<R: Read, W: Write> Client<R, W> {
             chunks_skipped: neg.total - neg.missing.len() as u64,
             ..Default::default()
         };
-        let planner = send::planner(store, &r.recipe, &bases, deltas)?;
         send::encode_chunks(
             store,
             planner.as_ref(),
