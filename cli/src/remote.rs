@@ -314,10 +314,11 @@ pub fn pull(
 ) -> Result<()> {
     let bar = TransferBar::new(show, "pulling");
     if is_http(src) {
-        let res = http_client(src, token_file)?.pull(
+        let res = http_client(src, token_file)?.pull_with(
             store,
             name,
             as_name.unwrap_or(name),
+            deltas,
             &|r: &TransferReport| bar.update(r),
         );
         let rep = res.with_context(|| format!("pull {name} from {src}"))?;

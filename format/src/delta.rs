@@ -457,7 +457,7 @@ struct StreamIndex {
 
 /// Bytes of decompressed chunks kept for reuse: neighbouring targets share
 /// base chunks, and reading each again would cost a zstd pass every time.
-const CHUNK_CACHE_BYTES: usize = 64 << 20;
+const CHUNK_CACHE_BYTES: usize = 32 << 20;
 /// Stream indexes kept; each is 40 bytes per chunk of its stream.
 const STREAM_CACHE: usize = 256;
 

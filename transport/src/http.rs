@@ -15,8 +15,8 @@ use crate::frame::Kind;
 use crate::frame::{bit, decode_chunks, encode_ids, MAX_FRAME};
 use crate::send::{self, DeltaOptions};
 use crate::session::{
-    answer_has, answer_has_layers, check_hello, encode_stored, hello, Hello, PublishMsg, Receiver,
-    TransferReport, BATCH_IDS, GET_BATCH, IN_FLIGHT,
+    answer_has, answer_has_layers, check_hello, encode_stored, hello, DeltaOutcome, Hello,
+    PublishMsg, Receiver, TransferReport, BATCH_IDS, GET_BATCH, IN_FLIGHT,
 };
 use crate::{walk, Error, Result, PROTOCOL_VERSION};
 use axum::body::Bytes;
@@ -30,6 +30,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use wharf_format::similar::DeltaPlanner;
 use wharf_format::store::RefValue;
 use wharf_format::{ChunkId, Store};
 
@@ -84,6 +85,116 @@ struct Srv {
     tokens: Arc<Tokens>,
     /// Serializes finishing writers: each finish may merge index files.
     finish: Arc<Mutex<()>>,
+    /// Delta planners of recent pulls, by (recipe, bases): the requests of
+    /// one pull share one, since building it reads every paired skeleton.
+    planners: Arc<Mutex<Vec<PlannerEntry>>>,
+}
+
+type PlannerEntry = ((ChunkId, Vec<ChunkId>), Arc<DeltaPlanner>);
+
+/// Planners kept by a server.
+const PLANNERS_KEPT: usize = 4;
+
+/// The body of a get-delta request: the number of base recipes (u32 LE),
+/// the recipe pulled, the base recipes, then the chunk ids wanted.
+pub(crate) fn encode_get_delta(target: &ChunkId, bases: &[ChunkId], ids: &[ChunkId]) -> Vec<u8> {
+    let mut out = (bases.len() as u32).to_le_bytes().to_vec();
+    out.extend_from_slice(&target.0);
+    out.extend(encode_ids(bases));
+    out.extend(encode_ids(ids));
+    out
+}
+
+type GetDelta = (ChunkId, Vec<ChunkId>, Vec<ChunkId>);
+
+fn decode_get_delta(b: &[u8]) -> Result<GetDelta> {
+    let bad = || Error::Protocol("malformed get-delta request".into());
+    let n = u32::from_le_bytes(b.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
+    if n > crate::session::MAX_DELTA_BASES {
+        return Err(Error::Protocol(format!(
+            "get-delta names {n} bases (at most {})",
+            crate::session::MAX_DELTA_BASES
+        )));
+    }
+    let head = 4 + 32 * (n + 1);
+    let ids = crate::frame::decode_ids(b.get(4..head).ok_or_else(bad)?)?;
+    let rest = crate::frame::decode_ids(b.get(head..).ok_or_else(bad)?)?;
+    Ok((ids[0], ids[1..].to_vec(), rest))
+}
+
+async fn h_get_delta(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiError> {
+    let planners = s.planners.clone();
+    blocking(&s, move |store| {
+        let (target, cands, ids) = decode_get_delta(&body).map_err(|e| match e {
+            Error::Protocol(m) => ApiError(StatusCode::BAD_REQUEST, m),
+            e => api(e),
+        })?;
+        for id in &ids {
+            if !store.contains(id) {
+                return Err(ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!("chunk {id} is not here"),
+                ));
+            }
+        }
+        let mut bases: Vec<ChunkId> = cands
+            .into_iter()
+            .filter(|c| wharf_format::extract::load_recipe(store, c).is_ok())
+            .collect();
+        bases.truncate(send::MAX_BASE_IMAGES);
+        let key = (target, bases.clone());
+        let cached = planners
+            .lock()
+            .ok()
+            .and_then(|p| p.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()));
+        let planner = match cached {
+            Some(p) => Some(p),
+            None if store.contains(&target) => {
+                match send::planner(store, &target, &bases, DeltaOptions::default()).map_err(api)? {
+                    Some(p) => {
+                        let p = Arc::new(p);
+                        if let Ok(mut list) = planners.lock() {
+                            if list.len() >= PLANNERS_KEPT {
+                                list.remove(0);
+                            }
+                            list.push((key, p.clone()));
+                        }
+                        Some(p)
+                    }
+                    None => None,
+                }
+            }
+            None => None,
+        };
+        // Framed like the stream protocol: CHUNKS and PUT_DELTA frames for
+        // a prefix of the ids; the client asks again for the rest.
+        let mut out = Vec::new();
+        let mut rep = TransferReport::default();
+        for part in ids.chunks(256) {
+            if out.len() >= GET_REPLY_BYTES {
+                break;
+            }
+            send::encode_chunks(
+                store,
+                planner.as_deref(),
+                part,
+                crate::session::FRAME_BYTES,
+                &mut rep,
+                &mut |kind, payload, _| {
+                    let kind = if kind == Kind::Put {
+                        Kind::Chunks
+                    } else {
+                        kind
+                    };
+                    crate::frame::write_frame(&mut out, kind, &payload)
+                },
+            )
+            .map_err(api)?;
+        }
+        Ok(out)
+    })
+    .await
+    .map(octets)
 }
 
 struct ApiError(StatusCode, String);
@@ -364,6 +475,7 @@ pub fn router(store: Arc<Store>, tokens: Tokens) -> Router {
         store,
         tokens: Arc::new(tokens),
         finish: Arc::new(Mutex::new(())),
+        planners: Arc::new(Mutex::new(Vec::new())),
     };
     Router::new()
         .route("/v1/hello", get(h_hello))
@@ -373,6 +485,7 @@ pub fn router(store: Arc<Store>, tokens: Tokens) -> Router {
         .route("/v1/get", post(h_get))
         .route("/v1/put", post(h_put))
         .route("/v1/put-delta", post(h_put_delta))
+        .route("/v1/get-delta", post(h_get_delta))
         .route("/v1/publish", post(h_publish))
         .fallback(|| async {
             ApiError(
@@ -726,6 +839,19 @@ impl HttpClient {
         as_name: &str,
         progress: &(dyn Fn(&TransferReport) + Sync),
     ) -> Result<TransferReport> {
+        self.pull_with(store, name, as_name, DeltaOptions::default(), progress)
+    }
+
+    /// [`HttpClient::pull`] with explicit delta options: with deltas, this
+    /// store's images are offered as bases with every request.
+    pub fn pull_with(
+        &self,
+        store: &Arc<Store>,
+        name: &str,
+        as_name: &str,
+        deltas: DeltaOptions,
+        progress: &(dyn Fn(&TransferReport) + Sync),
+    ) -> Result<TransferReport> {
         let started = std::time::Instant::now();
         let r: RefValue =
             serde_json::from_slice(&self.request(&format!("/v1/ref/{}", encode_path(name)), None)?)
@@ -736,20 +862,30 @@ impl HttpClient {
             ..Default::default()
         };
         let _lock = store.lock(false)?;
+        let bases = if deltas.enabled && self.server.speaks_deltas() {
+            let mut c = send::candidate_bases(store, name, &r.recipe)?;
+            c.truncate(crate::session::MAX_DELTA_BASES);
+            c
+        } else {
+            Vec::new()
+        };
         let receiver = Mutex::new(Receiver::new(store.clone()));
-        let flush = || -> Result<()> {
+        let lock_receiver = || {
             receiver
                 .lock()
-                .map_err(|_| Error::Protocol("receiver lock poisoned".into()))?
-                .flush()
+                .map_err(|_| Error::Protocol("receiver lock poisoned".into()))
         };
         let got_chunks = AtomicU64::new(0);
         let got_bytes = AtomicU64::new(0);
+        let got_deltas = AtomicU64::new(0);
+        let got_delta_bytes = AtomicU64::new(0);
+        // Chunks whose delta failed here are asked for whole next time.
+        let whole_only: Mutex<HashSet<ChunkId>> = Mutex::new(HashSet::new());
         // Walk down the tree: whatever is missing is fetched (objects needed
         // to walk further first), until nothing is missing. A reply may hold
         // only part of a batch; every round must bring at least one chunk.
         loop {
-            flush()?;
+            lock_receiver()?.flush()?;
             let missing = walk::missing(store, &r.recipe)?;
             if missing.is_empty() {
                 break;
@@ -758,20 +894,77 @@ impl HttpClient {
             let batches: Vec<&[ChunkId]> = missing.chunks(GET_BATCH).collect();
             let seen = AtomicUsize::new(0);
             parallel(&batches, self.in_flight, |b| {
-                let payload = self.request("/v1/get", Some(&encode_ids(b)))?;
-                let chunks = decode_chunks(&payload)?;
                 let asked: HashSet<&ChunkId> = b.iter().collect();
-                if chunks.is_empty() || chunks.iter().any(|c| !asked.contains(&c.id)) {
-                    return Err(Error::Protocol(
-                        "GET reply does not match the request".into(),
-                    ));
-                }
-                receiver
+                let plain_only = whole_only
                     .lock()
-                    .map_err(|_| Error::Protocol("receiver lock poisoned".into()))?
-                    .put(&payload)?;
-                got_chunks.fetch_add(chunks.len() as u64, Ordering::Relaxed);
-                got_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
+                    .map(|w| b.iter().any(|i| w.contains(i)))
+                    .unwrap_or(true);
+                if bases.is_empty() || plain_only {
+                    let payload = self.request("/v1/get", Some(&encode_ids(b)))?;
+                    let chunks = decode_chunks(&payload)?;
+                    if chunks.is_empty() || chunks.iter().any(|c| !asked.contains(&c.id)) {
+                        return Err(Error::Protocol(
+                            "GET reply does not match the request".into(),
+                        ));
+                    }
+                    lock_receiver()?.put(&payload)?;
+                    got_chunks.fetch_add(chunks.len() as u64, Ordering::Relaxed);
+                    got_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
+                } else {
+                    let body = encode_get_delta(&r.recipe, &bases, b);
+                    let reply = self.request("/v1/get-delta", Some(&body))?;
+                    let mut rd: &[u8] = &reply;
+                    let mut n = 0usize;
+                    while let Some(f) = crate::frame::read_frame(&mut rd)? {
+                        match f.kind {
+                            Kind::Chunks => {
+                                let chunks = decode_chunks(&f.payload)?;
+                                if chunks.iter().any(|c| !asked.contains(&c.id)) {
+                                    return Err(Error::Protocol(
+                                        "get-delta reply carries chunks that were not asked for"
+                                            .into(),
+                                    ));
+                                }
+                                lock_receiver()?.put(&f.payload)?;
+                                n += chunks.len();
+                            }
+                            Kind::PutDelta => {
+                                let outcomes = lock_receiver()?.put_delta(&f.payload)?;
+                                for o in &outcomes {
+                                    match o {
+                                        DeltaOutcome::Stored(id) if !asked.contains(id) => {
+                                            return Err(Error::Protocol(
+                                                "get-delta reply rebuilt a chunk that was not asked for".into(),
+                                            ))
+                                        }
+                                        DeltaOutcome::Stored(_) => {}
+                                        DeltaOutcome::Failed(check) => {
+                                            if let Ok(mut w) = whole_only.lock() {
+                                                w.extend(b.iter().filter(|i| i.0[..check.len()] == check[..]));
+                                            }
+                                        }
+                                    }
+                                }
+                                n += outcomes.len();
+                                got_deltas.fetch_add(outcomes.len() as u64, Ordering::Relaxed);
+                                got_delta_bytes
+                                    .fetch_add(f.payload.len() as u64, Ordering::Relaxed);
+                            }
+                            k => {
+                                return Err(Error::Protocol(format!(
+                                    "unexpected {k:?} in a get-delta reply"
+                                )))
+                            }
+                        }
+                        got_bytes.fetch_add(f.payload.len() as u64, Ordering::Relaxed);
+                    }
+                    if n == 0 || n > b.len() {
+                        return Err(Error::Protocol(
+                            "get-delta reply does not match the request".into(),
+                        ));
+                    }
+                    got_chunks.fetch_add(n as u64, Ordering::Relaxed);
+                }
                 if seen.fetch_add(1, Ordering::Relaxed) % 4 == 3 {
                     let mut p = rep.clone();
                     p.chunks_sent = got_chunks.load(Ordering::Relaxed);
@@ -796,6 +989,8 @@ impl HttpClient {
             })?;
         rep.chunks_sent = got_chunks.load(Ordering::Relaxed);
         rep.payload_bytes = got_bytes.load(Ordering::Relaxed);
+        rep.delta_chunks = got_deltas.load(Ordering::Relaxed);
+        rep.delta_bytes = got_delta_bytes.load(Ordering::Relaxed);
         (rep.wire_bytes_out, rep.wire_bytes_in) = self.wire_bytes();
         rep.seconds = started.elapsed().as_secs_f64();
         progress(&rep);

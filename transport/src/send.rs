@@ -170,9 +170,16 @@ pub fn planner(
         return Ok(None);
     }
     let resolver = Arc::new(BaseResolver::new(store.clone()));
-    Ok(Some(DeltaPlanner::new(
-        resolver, recipe, bases, opts.level,
-    )?))
+    let t = std::time::Instant::now();
+    let p = DeltaPlanner::new(resolver, recipe, bases, opts.level)?;
+    if std::env::var_os("WHARF_DEBUG_DELTAS").is_some() {
+        eprintln!(
+            "delta-debug planner built in {:.3} s: {:?}",
+            t.elapsed().as_secs_f64(),
+            p.stats
+        );
+    }
+    Ok(Some(p))
 }
 
 /// Takes each payload ready to go, with the report so far.

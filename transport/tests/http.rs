@@ -99,6 +99,43 @@ fn push_and_pull_over_http_rebuild_exactly_and_send_only_what_is_missing() {
         .pull(&third, "v2", "copy2", &|_| {})
         .unwrap();
     assert_eq!(p2.chunks_sent, 0, "{p2:?}");
+    // With v1 here, a pull of v2 comes as deltas against it, and costs
+    // less than the same pull without them.
+    let fourth = store(&d, "fourth");
+    client(&url, None)
+        .pull(&fourth, "v1", "v1", &|_| {})
+        .unwrap();
+    let fifth = store(&d, "fifth");
+    client(&url, None)
+        .pull(&fifth, "v1", "v1", &|_| {})
+        .unwrap();
+    let with = client(&url, None)
+        .pull_with(&fourth, "v2", "v2", DeltaOptions::default(), &|_| {})
+        .unwrap();
+    let without = client(&url, None)
+        .pull_with(
+            &fifth,
+            "v2",
+            "v2",
+            DeltaOptions {
+                enabled: false,
+                ..Default::default()
+            },
+            &|_| {},
+        )
+        .unwrap();
+    assert!(with.delta_chunks > 0, "{with:?}");
+    assert_eq!(without.delta_chunks, 0, "{without:?}");
+    assert!(
+        with.wire_bytes_in < without.wire_bytes_in,
+        "{with:?} vs {without:?}"
+    );
+    assert_eq!(extract(&fourth, "v2"), v2);
+    assert_eq!(extract(&fifth, "v2"), v2);
+    assert!(wharf_format::maintenance::verify(&fourth, true)
+        .unwrap()
+        .errors
+        .is_empty());
     assert!(wharf_format::maintenance::verify(&third, true)
         .unwrap()
         .errors
