@@ -458,6 +458,8 @@ struct StreamIndex {
 /// Bytes of decompressed chunks kept for reuse: neighbouring targets share
 /// base chunks, and reading each again would cost a zstd pass every time.
 const CHUNK_CACHE_BYTES: usize = 32 << 20;
+/// Bytes of rebuilt chunks a receiver holds at once while applying a frame.
+pub const WINDOW_BYTES: u64 = 64 << 20;
 /// Stream indexes kept; each is 40 bytes per chunk of its stream.
 const STREAM_CACHE: usize = 256;
 
@@ -610,38 +612,56 @@ impl BaseResolver {
     }
 
     /// Rebuilds every delta of a frame, in parallel where no `Sent` base
-    /// ties one to those before it. Per delta: its chunks, or why not.
-    pub fn apply_frame(&self, deltas: &[WireDelta]) -> Vec<Result<Rebuilt>> {
+    /// ties one to those before it, handing each result to `sink` in frame
+    /// order: its chunks, or why not. At most about `WINDOW_BYTES` of
+    /// rebuilt chunks are held at once, however large the frame claims its
+    /// chunks are.
+    pub fn apply_frame(
+        &self,
+        deltas: &[WireDelta],
+        sink: &mut dyn FnMut(&WireDelta, Result<Rebuilt>) -> Result<()>,
+    ) -> Result<()> {
         use rayon::prelude::*;
         let uses_sent = |d: &WireDelta| d.bases.iter().any(|b| matches!(b, BaseRef::Sent { .. }));
         let empty = SentIndex::default();
-        let mut out: Vec<Option<Result<Rebuilt>>> = deltas
-            .par_iter()
-            .map(|d| (!uses_sent(d)).then(|| self.apply(d, &empty)))
-            .collect();
         let mut sent = SentIndex::default();
-        for (i, d) in deltas.iter().enumerate() {
-            if out[i].is_none() {
-                out[i] = Some(self.apply(d, &sent));
+        let mut start = 0usize;
+        while start < deltas.len() {
+            let mut end = start;
+            let mut bytes = 0u64;
+            while end < deltas.len() && (end == start || bytes < WINDOW_BYTES) {
+                bytes += deltas[end].targets.iter().map(|t| t.1 as u64).sum::<u64>();
+                end += 1;
             }
-            // A failed delta still takes its places, so later positions
-            // hold; a base spanning them then fails its own check.
-            match &out[i] {
-                Some(Ok(chunks)) => {
-                    for (id, raw) in chunks {
-                        sent.push(*id, raw.len() as u32);
+            let window = &deltas[start..end];
+            let mut out: Vec<Option<Result<Rebuilt>>> = window
+                .par_iter()
+                .map(|d| (!uses_sent(d)).then(|| self.apply(d, &empty)))
+                .collect();
+            for (d, slot) in window.iter().zip(out.iter_mut()) {
+                let r = match slot.take() {
+                    Some(r) => r,
+                    None => self.apply(d, &sent),
+                };
+                // A failed delta still takes its places, so later positions
+                // hold; a base spanning them then fails its own check.
+                match &r {
+                    Ok(chunks) => {
+                        for (id, raw) in chunks {
+                            sent.push(*id, raw.len() as u32);
+                        }
+                    }
+                    Err(_) => {
+                        for _ in &d.targets {
+                            sent.push(ChunkId::default(), 0);
+                        }
                     }
                 }
-                _ => {
-                    for _ in &d.targets {
-                        sent.push(ChunkId::default(), 0);
-                    }
-                }
+                sink(d, r)?;
             }
+            start = end;
         }
-        out.into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(Error::Corrupt("delta not applied".into()))))
-            .collect()
+        Ok(())
     }
 
     /// Rebuilds the chunks a delta carries and checks each against its

@@ -136,7 +136,7 @@ pub fn add(
         name,
         &RefValue {
             recipe: recipe_id,
-            added: recipe.created,
+            added: now_secs(),
             len: recipe.len,
         },
     )?;

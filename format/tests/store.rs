@@ -301,6 +301,8 @@ fn gc_keeps_block_maps_of_live_layers() {
     store.remove_ref("drop").unwrap();
     maintenance::gc(&store, false).unwrap();
     let r = store.require_ref("keep").unwrap();
+    // The ref, not the (reproducible) recipe, records when it was added.
+    assert!(r.added > 1_700_000_000, "added = {}", r.added);
     let recipe = wharf_format::extract::load_recipe(&store, &r.recipe).unwrap();
     assert!(!recipe.layers.is_empty());
     for l in &recipe.layers {

@@ -13,6 +13,10 @@ use std::sync::Arc;
 use wharf_format::{ChunkId, Store};
 
 pub const BUNDLE_MAGIC: &[u8; 8] = b"WHARFBD1";
+/// The magic of a bundle that may hold PUT_DELTA frames: a reader that
+/// predates deltas then says "not a wharf bundle it knows" up front instead
+/// of failing on an unknown frame halfway through.
+pub const BUNDLE_MAGIC_DELTAS: &[u8; 8] = b"WHARFBD2";
 pub const HAVE_MAGIC: &[u8; 8] = b"WHARFHV1";
 
 /// Writes every chunk id in the store, sorted: what a sender may skip.
@@ -92,7 +96,12 @@ pub fn write_bundle(
         inner: out,
         count: 0,
     };
-    out.write_all(BUNDLE_MAGIC).map_err(Error::Io)?;
+    let magic = if planner.is_some() {
+        BUNDLE_MAGIC_DELTAS
+    } else {
+        BUNDLE_MAGIC
+    };
+    out.write_all(magic).map_err(Error::Io)?;
     send::encode_chunks(
         store,
         planner.as_ref(),
@@ -154,9 +163,17 @@ pub fn read_bundle(store: &Arc<Store>, input: &mut dyn Read) -> Result<Vec<Strin
     input
         .read_exact(&mut magic)
         .map_err(|_| Error::Protocol("not a wharf bundle (too short)".into()))?;
-    if &magic != BUNDLE_MAGIC {
-        return Err(Error::Protocol("not a wharf bundle (bad magic)".into()));
-    }
+    let deltas_allowed = match &magic {
+        m if m == BUNDLE_MAGIC => false,
+        m if m == BUNDLE_MAGIC_DELTAS => true,
+        m if m.starts_with(b"WHARFBD") => {
+            return Err(Error::Protocol(format!(
+                "a wharf bundle of a later version ({}): upgrade wharf to read it",
+                String::from_utf8_lossy(m)
+            )))
+        }
+        _ => return Err(Error::Protocol("not a wharf bundle (bad magic)".into())),
+    };
     let _lock = store.lock(false)?;
     let mut receiver = Receiver::new(store.clone());
     let mut names = Vec::new();
@@ -169,7 +186,7 @@ pub fn read_bundle(store: &Arc<Store>, input: &mut dyn Read) -> Result<Vec<Strin
             };
             match f.kind {
                 Kind::Put => receiver.put(&f.payload)?,
-                Kind::PutDelta => {
+                Kind::PutDelta if deltas_allowed => {
                     receiver.put_delta(&f.payload)?;
                 }
                 Kind::Publish => {

@@ -137,9 +137,10 @@ async fn h_get_delta(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiE
                 ));
             }
         }
+        let complete = walk::complete_layers(store).map_err(api)?;
         let mut bases: Vec<ChunkId> = cands
             .into_iter()
-            .filter(|c| wharf_format::extract::load_recipe(store, c).is_ok())
+            .filter(|c| send::held_whole(store, c, &complete))
             .collect();
         bases.truncate(send::MAX_BASE_IMAGES);
         let key = (target, bases.clone());
@@ -150,7 +151,10 @@ async fn h_get_delta(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiE
         let planner = match cached {
             Some(p) => Some(p),
             None if store.contains(&target) => {
-                match send::planner(store, &target, &bases, DeltaOptions::default()).map_err(api)? {
+                // Deltas are an optimisation: a planner that cannot be
+                // built leaves the reply plain rather than failing it.
+                match send::planner(store, &target, &bases, DeltaOptions::default()).unwrap_or(None)
+                {
                     Some(p) => {
                         let p = Arc::new(p);
                         if let Ok(mut list) = planners.lock() {
@@ -270,7 +274,7 @@ fn bearer(h: &HeaderMap) -> Option<&str> {
 async fn gate(State(s): State<Srv>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     if path != "/v1/hello" {
-        let write = path == "/v1/put" || path == "/v1/publish";
+        let write = path == "/v1/put" || path == "/v1/put-delta" || path == "/v1/publish";
         // A push token also opens reads: a push asks what the server has.
         let (need, also) = if write {
             match &s.tokens.push {

@@ -63,6 +63,13 @@ pub fn candidate_bases(store: &Store, target_name: &str, target: &ChunkId) -> Re
     Ok(out)
 }
 
+/// Whether recipe `r` is an image this store holds whole: its root is a
+/// complete layer of a published image (`complete`, from
+/// `walk::complete_layers`).
+pub fn held_whole(store: &Store, r: &ChunkId, complete: &HashSet<ChunkId>) -> bool {
+    load_recipe(store, r).is_ok_and(|rec| complete.contains(&rec.root))
+}
+
 /// Of `candidates`, the images the receiver holds whole: their outer tar is
 /// a complete layer there and it has their recipe chunk.
 pub fn held_bases(

@@ -191,12 +191,16 @@ impl Receiver {
             .resolver
             .get_or_insert_with(|| Arc::new(BaseResolver::new(self.store.clone())))
             .clone();
-        let rebuilt = resolver.apply_frame(&deltas);
-        let w = self.writer()?;
+        if self.writer.is_none() {
+            self.writer()?;
+        }
+        let Some(w) = self.writer.as_ref() else {
+            return Err(Error::Protocol("no writer".into()));
+        };
         let mut new = 0;
         let mut failures = Vec::new();
         let mut out = Vec::new();
-        for (r, d) in rebuilt.into_iter().zip(&deltas) {
+        resolver.apply_frame(&deltas, &mut |d, r| {
             match r {
                 Ok(chunks) => {
                     for (id, raw) in chunks {
@@ -211,7 +215,8 @@ impl Receiver {
                     out.extend(d.targets.iter().map(|t| DeltaOutcome::Failed(t.0)));
                 }
             }
-        }
+            Ok(())
+        })?;
         self.received += out.len() as u64;
         self.new_chunks += new;
         self.delta_failures += failures.len() as u64;
@@ -438,9 +443,13 @@ fn serve_loop(
             }
             Kind::DeltaBases => {
                 let (target, cands) = decode_delta_bases(&f.payload)?;
+                let c = match &mut complete {
+                    Some(c) => c,
+                    None => complete.insert(walk::complete_layers(store)?),
+                };
                 let usable: Vec<bool> = cands
                     .iter()
-                    .map(|c| wharf_format::extract::load_recipe(store, c).is_ok())
+                    .map(|r| send::held_whole(store, r, c))
                     .collect();
                 let mut bases: Vec<ChunkId> = cands
                     .iter()
@@ -450,8 +459,10 @@ fn serve_loop(
                     .collect();
                 bases.truncate(send::MAX_BASE_IMAGES);
                 let chosen: HashSet<ChunkId> = bases.iter().copied().collect();
+                // Deltas are an optimisation: a planner that cannot be built
+                // leaves the pull plain rather than failing it.
                 pull_planner = if store.contains(&target) {
-                    send::planner(store, &target, &bases, DeltaOptions::default())?
+                    send::planner(store, &target, &bases, DeltaOptions::default()).unwrap_or(None)
                 } else {
                     None
                 };

@@ -472,7 +472,7 @@ fn raw_total(d: &WireDelta) -> usize {
 /// The deltas of every PUT_DELTA frame of a bundle, each with the offset of
 /// its zstd frame inside the bundle.
 fn bundle_deltas(b: &[u8]) -> Vec<(usize, WireDelta)> {
-    assert_eq!(&b[..8], bundle::BUNDLE_MAGIC);
+    assert_eq!(&b[..8], bundle::BUNDLE_MAGIC_DELTAS);
     let mut out = Vec::new();
     for (off, kind, len) in frames(&b[8..]) {
         if kind != PUT_DELTA {

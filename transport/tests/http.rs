@@ -200,6 +200,11 @@ fn tokens_are_enforced_and_refused_pushes_store_nothing() {
             .unwrap_err(),
     );
     assert!(m.starts_with("HTTP 403") && m.contains("read-only"), "{m}");
+    // Deltas are writes too, with or without a token.
+    for t in [None, Some("push-secret")] {
+        let (status, _) = raw(&ro_url, "/v1/put-delta", t, b"\x00").unwrap();
+        assert_eq!(status, 403, "put-delta on a read-only server, token {t:?}");
+    }
     assert!(ro.list_refs().unwrap().is_empty());
     assert_eq!(packs(&d, "ro"), 0);
 }
