@@ -16,6 +16,8 @@ use wharf_format::{ChunkId, Store};
 
 /// Base images considered per transfer: each costs a walk of its tree.
 pub const MAX_BASE_IMAGES: usize = 4;
+/// Chunks asked about to find out whether a push is being resumed.
+const RESUME_SAMPLE: usize = 64;
 /// Chunks encoded per parallel batch.
 const ENCODE_BATCH: usize = 512;
 
@@ -150,6 +152,17 @@ pub fn negotiate(
         .iter()
         .filter(|i| !known.contains(i))
         .partition(|i| !outside.contains(i) && planner.is_some_and(|p| p.knows(i)));
+    // Unless the receiver holds some of them already: an interrupted push
+    // of this image. A sample spread evenly over them (a push sends in
+    // this order, so what arrived is a prefix) tells, for 2 KiB; then all
+    // are asked about, so a resumed push does not send them again.
+    let step = (assume.len() / RESUME_SAMPLE).max(1);
+    let sample: Vec<ChunkId> = assume.iter().step_by(step).copied().collect();
+    let (assume, ask) = if !sample.is_empty() && has(&sample, false)?.iter().any(|h| *h) {
+        (Vec::new(), [ask, assume].concat())
+    } else {
+        (assume, ask)
+    };
     let have = has(&ask, false)?;
     let mut missing: Vec<ChunkId> = ask
         .into_iter()

@@ -978,3 +978,34 @@ fn a_pull_uses_deltas_and_rebuilds_exactly() {
         rep.wire_bytes_in, rep.delta_chunks
     );
 }
+
+/// A push with deltas that was cut off, run again, does not send again what
+/// arrived: the sender finds out that the receiver holds part of the new
+/// content and asks about all of it.
+#[test]
+fn a_resumed_push_does_not_resend_what_arrived() {
+    let img = images();
+    let d = tempfile::tempdir().unwrap();
+    let src = sender(&d);
+    // What an interrupted transfer leaves: the chunks of every frame before
+    // the cut, no name. A bundle cut before its PUBLISH leaves just that.
+    let (b, full) = write_bundle(&src, &["app:v1"], DeltaOptions::default());
+    let cut = frames(&b[8..])
+        .iter()
+        .rev()
+        .find(|(_, kind, _)| *kind == 0x18)
+        .map(|(off, _, _)| 8 + off)
+        .unwrap();
+    let r = receiver(&d, "resumed");
+    assert!(bundle::read_bundle(&r, &mut &b[..cut]).is_err());
+    assert!(r.get_ref("app:v2").unwrap().is_none());
+    let again = push_stream(&src, &r, DeltaOptions::default());
+    assert!(
+        again.chunks_sent * 4 < full.chunks_sent.max(4),
+        "the resumed push sent {} chunks of {}: {again:?}",
+        again.chunks_sent,
+        full.chunks_sent
+    );
+    assert_extracts(&r, "app:v2", &img.v2);
+    assert_verifies(&r);
+}
