@@ -74,24 +74,12 @@ pub fn write_bundle(
     out: &mut dyn Write,
 ) -> Result<TransferReport> {
     let started = std::time::Instant::now();
-    let r = store.require_ref(name)?;
     let bases = bundle_bases(store, name, have_names, have_ids)?;
-    let planner = send::planner(store, &r.recipe, &bases, deltas)?;
-    let neg = send::negotiate(
-        store,
-        &r.recipe,
-        &bases,
-        planner.as_ref(),
-        &mut |ids, whole| Ok(ids.iter().map(|i| !whole && have_ids.contains(i)).collect()),
-    )?;
-    let mut rep = TransferReport {
-        name: name.to_string(),
-        image_bytes: r.len,
-        chunks_total: neg.total,
-        chunks_skipped: neg.total - neg.missing.len() as u64,
-        layers_skipped: neg.layers_skipped,
-        ..Default::default()
-    };
+    let mut plan = send::prepare(store, name, name, Some(bases), deltas, &mut |ids, whole| {
+        Ok(ids.iter().map(|i| !whole && have_ids.contains(i)).collect())
+    })?;
+    let mut rep = std::mem::take(&mut plan.report);
+    let (planner, neg) = (plan.planner, plan.negotiated);
     let mut out = crate::session::Counted {
         inner: out,
         count: 0,
@@ -112,8 +100,8 @@ pub fn write_bundle(
     )?;
     let msg = PublishMsg {
         name: name.to_string(),
-        recipe: r.recipe,
-        len: r.len,
+        recipe: plan.recipe,
+        len: plan.len,
     };
     write_frame(
         &mut out,

@@ -701,20 +701,9 @@ impl HttpClient {
         deltas: DeltaOptions,
         progress: &(dyn Fn(&TransferReport) + Sync),
     ) -> Result<TransferReport> {
-        match self.push_once(store, name, as_name, deltas, progress) {
-            Err(Error::Remote(m)) if deltas.enabled && m.contains("could not be applied") => self
-                .push_once(
-                    store,
-                    name,
-                    as_name,
-                    DeltaOptions {
-                        enabled: false,
-                        ..deltas
-                    },
-                    progress,
-                ),
-            other => other,
-        }
+        send::with_fallback(deltas, |d| {
+            self.push_once(store, name, as_name, d, progress)
+        })
     }
 
     fn push_once(
@@ -726,7 +715,6 @@ impl HttpClient {
         progress: &(dyn Fn(&TransferReport) + Sync),
     ) -> Result<TransferReport> {
         let started = std::time::Instant::now();
-        let r = store.require_ref(name)?;
         let deltas = DeltaOptions {
             enabled: deltas.enabled && self.server.speaks_deltas(),
             ..deltas
@@ -741,23 +729,11 @@ impl HttpClient {
         };
         // A refused token is reported now, not as a broken pipe mid-upload.
         self.request("/v1/put", Some(&[]))?;
-        let mut ask = |ids: &[ChunkId], layers: bool| self.ask_has(ids, layers);
-        let bases = if deltas.enabled {
-            let cands = send::candidate_bases(store, name, &r.recipe)?;
-            send::held_bases(store, &cands, &mut ask)?
-        } else {
-            Vec::new()
-        };
-        let planner = send::planner(store, &r.recipe, &bases, deltas)?;
-        let neg = send::negotiate(store, &r.recipe, &bases, planner.as_ref(), &mut ask)?;
-        let mut rep = TransferReport {
-            name: as_name.to_string(),
-            image_bytes: r.len,
-            layers_skipped: neg.layers_skipped,
-            chunks_total: neg.total,
-            chunks_skipped: neg.total - neg.missing.len() as u64,
-            ..Default::default()
-        };
+        let mut plan = send::prepare(store, name, as_name, None, deltas, &mut |ids, layers| {
+            self.ask_has(ids, layers)
+        })?;
+        let mut rep = std::mem::take(&mut plan.report);
+        let (planner, neg) = (plan.planner, plan.negotiated);
         let latest = Mutex::new(rep.clone());
         // Bodies are built here and sent by `in_flight` threads.
         let (tx, rx) = std::sync::mpsc::sync_channel::<(Kind, Vec<u8>)>(self.in_flight);
@@ -823,8 +799,8 @@ impl HttpClient {
         produced?;
         let msg = PublishMsg {
             name: as_name.to_string(),
-            recipe: r.recipe,
-            len: r.len,
+            recipe: plan.recipe,
+            len: plan.len,
         };
         self.request(
             "/v1/publish",

@@ -178,6 +178,72 @@ pub fn negotiate(
     })
 }
 
+/// Everything a sender decides before the first chunk goes out.
+pub struct PushPlan {
+    pub recipe: ChunkId,
+    pub len: u64,
+    pub planner: Option<DeltaPlanner>,
+    pub negotiated: Negotiated,
+    /// The report, counts of what is skipped filled in.
+    pub report: TransferReport,
+}
+
+/// Prepares sending image `name` (published as `as_name`): with deltas,
+/// finds the base images the receiver holds (unless `bases` are given, as
+/// for a bundle), builds the planner, and negotiates what is missing.
+pub fn prepare(
+    store: &Arc<Store>,
+    name: &str,
+    as_name: &str,
+    bases: Option<Vec<ChunkId>>,
+    deltas: DeltaOptions,
+    has: &mut HasOracle<'_>,
+) -> Result<PushPlan> {
+    let r = store.require_ref(name)?;
+    let bases = match bases {
+        Some(b) => b,
+        None if deltas.enabled => {
+            held_bases(store, &candidate_bases(store, name, &r.recipe)?, has)?
+        }
+        None => Vec::new(),
+    };
+    let planner = planner(store, &r.recipe, &bases, deltas)?;
+    let negotiated = negotiate(store, &r.recipe, &bases, planner.as_ref(), has)?;
+    let report = TransferReport {
+        name: as_name.to_string(),
+        image_bytes: r.len,
+        layers_skipped: negotiated.layers_skipped,
+        chunks_total: negotiated.total,
+        chunks_skipped: negotiated.total - negotiated.missing.len() as u64,
+        ..Default::default()
+    };
+    Ok(PushPlan {
+        recipe: r.recipe,
+        len: r.len,
+        planner,
+        negotiated,
+        report,
+    })
+}
+
+/// Runs `push` with `deltas`, and once more without them when the receiver
+/// said some deltas could not be applied (a base it lacks after all): what
+/// arrived is kept, so the second run sends only the rest.
+pub fn with_fallback<T>(
+    deltas: DeltaOptions,
+    mut push: impl FnMut(DeltaOptions) -> Result<T>,
+) -> Result<T> {
+    match push(deltas) {
+        Err(crate::Error::Remote(m)) if deltas.enabled && m.contains("could not be applied") => {
+            push(DeltaOptions {
+                enabled: false,
+                ..deltas
+            })
+        }
+        other => other,
+    }
+}
+
 /// A planner for `recipe` against `bases`, or none when deltas are off or
 /// there is nothing to delta against.
 pub fn planner(

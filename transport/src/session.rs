@@ -623,20 +623,9 @@ impl<R: Read, W: Write> Client<R, W> {
             ));
         }
         let started = std::time::Instant::now();
-        let mut rep = match self.push_once(store, name, as_name, deltas, progress) {
-            Err(Error::Remote(m)) if deltas.enabled && m.contains("could not be applied") => self
-                .push_once(
-                store,
-                name,
-                as_name,
-                DeltaOptions {
-                    enabled: false,
-                    ..deltas
-                },
-                progress,
-            )?,
-            other => other?,
-        };
+        let mut rep = send::with_fallback(deltas, |d| {
+            self.push_once(store, name, as_name, d, progress)
+        })?;
         self.send(Kind::Bye, &[])?;
         rep.wire_bytes_out = self.output.count;
         rep.wire_bytes_in = self.input.count;
@@ -653,32 +642,18 @@ impl<R: Read, W: Write> Client<R, W> {
         deltas: DeltaOptions,
         progress: &dyn Fn(&TransferReport),
     ) -> Result<TransferReport> {
-        let r = store.require_ref(name)?;
         let deltas = DeltaOptions {
             enabled: deltas.enabled && self.server.speaks_deltas(),
             ..deltas
         };
-        let mut ask = |ids: &[ChunkId], layers: bool| self.ask_has(ids, layers);
-        let bases = if deltas.enabled {
-            let cands = send::candidate_bases(store, name, &r.recipe)?;
-            send::held_bases(store, &cands, &mut ask)?
-        } else {
-            Vec::new()
-        };
-        let planner = send::planner(store, &r.recipe, &bases, deltas)?;
-        let neg = send::negotiate(store, &r.recipe, &bases, planner.as_ref(), &mut ask)?;
-        let mut rep = TransferReport {
-            name: as_name.to_string(),
-            image_bytes: r.len,
-            layers_skipped: neg.layers_skipped,
-            chunks_total: neg.total,
-            chunks_skipped: neg.total - neg.missing.len() as u64,
-            ..Default::default()
-        };
+        let mut plan = send::prepare(store, name, as_name, None, deltas, &mut |ids, layers| {
+            self.ask_has(ids, layers)
+        })?;
+        let mut rep = std::mem::take(&mut plan.report);
         send::encode_chunks(
             store,
-            planner.as_ref(),
-            &neg.missing,
+            plan.planner.as_ref(),
+            &plan.negotiated.missing,
             FRAME_BYTES,
             &mut rep,
             &mut |kind, payload, rep| {
@@ -691,8 +666,8 @@ impl<R: Read, W: Write> Client<R, W> {
         )?;
         let msg = PublishMsg {
             name: as_name.to_string(),
-            recipe: r.recipe,
-            len: r.len,
+            recipe: plan.recipe,
+            len: plan.len,
         };
         self.send(Kind::Publish, &serde_json::to_vec(&msg).unwrap_or_default())?;
         expect(&mut self.input, Kind::Ok)?;
