@@ -64,11 +64,16 @@ fn delta_note(rep: &TransferReport) -> String {
     if rep.delta_chunks == 0 {
         return String::new();
     }
+    // A pull's receiver does not learn what the chunks would have cost.
+    let instead = if rep.delta_instead_of > 0 {
+        format!(" instead of {}", HumanBytes(rep.delta_instead_of))
+    } else {
+        String::new()
+    };
     format!(
-        ", {} as deltas ({} instead of {})",
+        ", {} as deltas ({}{instead})",
         rep.delta_chunks,
         HumanBytes(rep.delta_bytes),
-        HumanBytes(rep.delta_instead_of)
     )
 }
 
