@@ -440,9 +440,13 @@ fn dry_runs_predict_the_push_and_move_nothing() {
         "a dry run wrote the bundle"
     );
     let bundle_plan: serde_json::Value = serde_json::from_str(&bundle_plan).unwrap();
-    assert_eq!(
-        bundle_plan["total_missing_bytes"].as_u64().unwrap(),
-        predicted
+    // The same chunks and deltas, but for the recipe: a push learns that
+    // the receiver holds v1's very recipe chunk and sends v2's as a delta
+    // against it; `--have v1` says only that it holds the image.
+    let bundled = bundle_plan["total_missing_bytes"].as_u64().unwrap();
+    assert!(
+        bundled >= predicted && bundled <= predicted + 2048,
+        "bundle {bundle_plan} vs push {plan}"
     );
     let real = ok(wharf(&src)
         .args(["--json", "push", "wharf-demo:v2"])

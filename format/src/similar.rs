@@ -696,6 +696,16 @@ impl DeltaPlanner {
         }
     }
 
+    /// Lets the recipe being sent travel as a delta against `base`, the
+    /// recipe of a base image: only when the receiver is known to hold that
+    /// very recipe chunk (recipes written by older wharf versions carry
+    /// the time of their add, so the same image may have another recipe
+    /// there).
+    pub fn with_recipe_base(mut self, target: &ChunkId, base: &ChunkId) -> Self {
+        self.ctx.insert(*target, Ctx::Whole(*base));
+        self
+    }
+
     /// Whether the planner knows anything about `id`.
     pub fn knows(&self, id: &ChunkId) -> bool {
         self.ctx.contains_key(id)

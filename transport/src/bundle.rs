@@ -122,7 +122,7 @@ fn bundle_bases(
     name: &str,
     have_names: &[String],
     have_ids: &HashSet<ChunkId>,
-) -> Result<Vec<ChunkId>> {
+) -> Result<send::Bases> {
     let r = store.require_ref(name)?;
     let mut bases: Vec<ChunkId> = Vec::new();
     for h in have_names {
@@ -141,7 +141,14 @@ fn bundle_bases(
             }
         }
     }
-    Ok(bases)
+    // A name says the receiver holds the image, not which recipe chunk it
+    // has for it; a have file lists the recipe itself.
+    let recipes_held = have_names.is_empty()
+        || (!have_ids.is_empty() && bases.first().is_some_and(|b| have_ids.contains(b)));
+    Ok(send::Bases {
+        images: bases,
+        recipes_held,
+    })
 }
 
 /// Applies a bundle: stores its chunks (each verified) and publishes its
@@ -210,7 +217,11 @@ pub fn plan_bundle(
     let r = store.require_ref(name)?;
     let bases = bundle_bases(store, name, have_names, have_ids)?;
     let planner = send::planner(store, &r.recipe, &bases, deltas)?;
-    walk::plan_push(store, name, &bases, planner.as_ref(), &mut |ids, whole| {
-        Ok(ids.iter().map(|i| !whole && have_ids.contains(i)).collect())
-    })
+    walk::plan_push(
+        store,
+        name,
+        &bases.images,
+        planner.as_ref(),
+        &mut |ids, whole| Ok(ids.iter().map(|i| !whole && have_ids.contains(i)).collect()),
+    )
 }

@@ -153,7 +153,17 @@ async fn h_get_delta(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiE
             None if store.contains(&target) => {
                 // Deltas are an optimisation: a planner that cannot be
                 // built leaves the reply plain rather than failing it.
-                match send::planner(store, &target, &bases, DeltaOptions::default()).unwrap_or(None)
+                match send::planner(
+                    store,
+                    &target,
+                    // The client offered recipes it holds.
+                    &send::Bases {
+                        images: bases.clone(),
+                        recipes_held: true,
+                    },
+                    DeltaOptions::default(),
+                )
+                .unwrap_or(None)
                 {
                     Some(p) => {
                         let p = Arc::new(p);

@@ -156,8 +156,18 @@ pub fn negotiate(
     // of this image. A sample spread evenly over them (a push sends in
     // this order, so what arrived is a prefix) tells, for 2 KiB; then all
     // are asked about, so a resumed push does not send them again.
-    let step = (assume.len() / RESUME_SAMPLE).max(1);
-    let sample: Vec<ChunkId> = assume.iter().step_by(step).copied().collect();
+    // (A push of a few chunks skips the sample: sending them again as
+    // deltas costs less than asking.)
+    let n = (assume.len() / 16).min(RESUME_SAMPLE);
+    let sample: Vec<ChunkId> = match n {
+        0 => Vec::new(),
+        n => assume
+            .iter()
+            .step_by(assume.len() / n)
+            .take(n)
+            .copied()
+            .collect(),
+    };
     let (assume, ask) = if !sample.is_empty() && has(&sample, false)?.iter().any(|h| *h) {
         (Vec::new(), [ask, assume].concat())
     } else {
@@ -178,6 +188,14 @@ pub fn negotiate(
     })
 }
 
+/// Images the receiver holds whole, most relevant first, and whether it is
+/// known to hold their very recipe chunks (not only their trees).
+#[derive(Clone, Debug, Default)]
+pub struct Bases {
+    pub images: Vec<ChunkId>,
+    pub recipes_held: bool,
+}
+
 /// Everything a sender decides before the first chunk goes out.
 pub struct PushPlan {
     pub recipe: ChunkId,
@@ -195,20 +213,21 @@ pub fn prepare(
     store: &Arc<Store>,
     name: &str,
     as_name: &str,
-    bases: Option<Vec<ChunkId>>,
+    bases: Option<Bases>,
     deltas: DeltaOptions,
     has: &mut HasOracle<'_>,
 ) -> Result<PushPlan> {
     let r = store.require_ref(name)?;
     let bases = match bases {
         Some(b) => b,
-        None if deltas.enabled => {
-            held_bases(store, &candidate_bases(store, name, &r.recipe)?, has)?
-        }
-        None => Vec::new(),
+        None if deltas.enabled => Bases {
+            images: held_bases(store, &candidate_bases(store, name, &r.recipe)?, has)?,
+            recipes_held: true,
+        },
+        None => Bases::default(),
     };
     let planner = planner(store, &r.recipe, &bases, deltas)?;
-    let negotiated = negotiate(store, &r.recipe, &bases, planner.as_ref(), has)?;
+    let negotiated = negotiate(store, &r.recipe, &bases.images, planner.as_ref(), has)?;
     let report = TransferReport {
         name: as_name.to_string(),
         image_bytes: r.len,
@@ -249,15 +268,22 @@ pub fn with_fallback<T>(
 pub fn planner(
     store: &Arc<Store>,
     recipe: &ChunkId,
-    bases: &[ChunkId],
+    bases: &Bases,
     opts: DeltaOptions,
 ) -> Result<Option<DeltaPlanner>> {
+    let Bases {
+        images: bases,
+        recipes_held,
+    } = bases;
     if !opts.enabled || bases.is_empty() {
         return Ok(None);
     }
     let resolver = Arc::new(BaseResolver::new(store.clone()));
     let t = std::time::Instant::now();
-    let p = DeltaPlanner::new(resolver, recipe, bases, opts.level)?;
+    let mut p = DeltaPlanner::new(resolver, recipe, bases, opts.level)?;
+    if let (true, Some(first)) = (recipes_held, bases.first()) {
+        p = p.with_recipe_base(recipe, first);
+    }
     if std::env::var_os("WHARF_DEBUG_DELTAS").is_some() {
         eprintln!(
             "delta-debug planner built in {:.3} s: {:?}",
@@ -475,11 +501,14 @@ pub fn plan(
     has: &mut HasOracle<'_>,
 ) -> Result<walk::Plan> {
     let r = store.require_ref(name)?;
-    let bases = if deltas.enabled {
-        held_bases(store, &candidate_bases(store, name, &r.recipe)?, has)?
-    } else {
-        Vec::new()
+    let bases = Bases {
+        images: if deltas.enabled {
+            held_bases(store, &candidate_bases(store, name, &r.recipe)?, has)?
+        } else {
+            Vec::new()
+        },
+        recipes_held: true,
     };
     let planner = planner(store, &r.recipe, &bases, deltas)?;
-    walk::plan_push(store, name, &bases, planner.as_ref(), has)
+    walk::plan_push(store, name, &bases.images, planner.as_ref(), has)
 }

@@ -462,7 +462,17 @@ fn serve_loop(
                 // Deltas are an optimisation: a planner that cannot be built
                 // leaves the pull plain rather than failing it.
                 pull_planner = if store.contains(&target) {
-                    send::planner(store, &target, &bases, DeltaOptions::default()).unwrap_or(None)
+                    send::planner(
+                        store,
+                        &target,
+                        // The client offered recipes it holds.
+                        &send::Bases {
+                            images: bases.clone(),
+                            recipes_held: true,
+                        },
+                        DeltaOptions::default(),
+                    )
+                    .unwrap_or(None)
                 } else {
                     None
                 };
