@@ -1307,17 +1307,24 @@ def transfer_section(R, a):
     a("")
     a(f"Times (wall s; one run each). *push s* covers both ends (the sender reads its store and computes deltas, the "
       f"child `serve --stdio` verifies and stores); *ratio* = push with deltas / push without (issue 7's target: at "
-      f"most {PUSH_TIME_RATIO}x); *peak MB* = peak RSS of `push` and its child, with / without deltas.")
+      f"most {PUSH_TIME_RATIO}x); *break-even link* = the link speed below which the push with deltas finishes first "
+      f"once the bytes have to cross a real link rather than this machine's pipe: (bytes saved) / (extra seconds), "
+      f"in MB/s (× 8 for Mbit/s); *peak MB* = peak RSS of `push` and its child, with / without deltas.")
     a("")
-    a("| format | scenario | push s, deltas | push s, no deltas | ratio | push peak MB | bundle s | bundle peak MB | "
-      "unbundle s | rebuild s (push deltas / no deltas / bundle) | byte-identical |")
-    a("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    a("| format | scenario | push s, deltas | push s, no deltas | ratio | break-even link MB/s | push peak MB | bundle s | "
+      "bundle peak MB | unbundle s | rebuild s (push deltas / no deltas / bundle) | byte-identical |")
+    a("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for p in prs:
         t = p["transfer"]
         d, n, b = good(t.get("push")), good(t.get("push_nodelta")), good(t.get("bundle"))
         ratio = d["secs"] / max(n["secs"], 1e-6) if d and n else None
         rr = "–" if ratio is None else (f"{ratio:.1f}x" if ratio <= PUSH_TIME_RATIO else f"**{ratio:.1f}x**")
-        a(f"| {p['format']} | {p['scenario']} | {sec(d.get('secs'))} | {sec(n.get('secs'))} | {rr} | "
+        even = "–"
+        if d and n and d.get("bytes") is not None and n.get("bytes") is not None:
+            extra = d["secs"] - n["secs"]
+            saved = n["bytes"] - d["bytes"]
+            even = "any" if extra <= 0 else f"{saved / extra / 1e6:.1f}"
+        a(f"| {p['format']} | {p['scenario']} | {sec(d.get('secs'))} | {sec(n.get('secs'))} | {rr} | {even} | "
           f"{rssmb(d.get('rss_kb'), n.get('rss_kb'))} | {sec(b.get('secs'))} | {rssmb(b.get('rss_kb'))} | "
           f"{sec(b.get('unbundle_secs'))} | {sec(d.get('rebuild_secs'))} / {sec(n.get('rebuild_secs'))} / "
           f"{sec(b.get('rebuild_secs'))} | {yes(d.get('identical'))} / {yes(n.get('identical'))} / "
