@@ -247,7 +247,8 @@ struct DeltaArgs {
     /// Send every missing chunk whole. By default a chunk travels as a zstd delta against
     /// similar bytes the receiver already holds (the same file in the previous version of the
     /// layer, the same tar headers) whenever that is smaller; the receiver rebuilds it and
-    /// checks its hash.
+    /// checks its hash. Deltas cost the sender CPU: on links faster than about 100 Mbit/s a
+    /// transfer without them usually finishes first (benches/RESULTS.md, break-even link).
     #[arg(long)]
     no_deltas: bool,
     /// zstd level for deltas: higher finds smaller deltas at more CPU on the sender.
