@@ -1185,6 +1185,8 @@ def report(R, out_md, png):
               f"{mb(gt['size'])} MB image.")
             a("")
 
+    extrapolation_section(R, a)
+
     # chunk study
     ch = R.get("chunks")
     if ch:
@@ -1346,6 +1348,193 @@ def transfer_section(R, a):
             continue
         seen.add(p["format"])
         a(f"| {p['format']} | {mb(v['bytes'])} | {sec(v['secs'])} | {rssmb(v['rss_kb'])} | {mb(v['receiver_bytes'])} |")
+    a("")
+
+
+# Extrapolation (issue 5): a 40 GB image and a store of 50 versions, from this run's figures only.
+EXTRAP_BYTES = 40e9          # the image: 40 GB (10^9 bytes)
+EXTRAP_VERSIONS = 50         # versions kept in the store
+INDEX_ENTRY_BYTES = 48       # spec/FORMAT.md §5.1: one index entry per chunk
+INDEX_FIXED_BYTES = 1080     # spec/FORMAT.md §5.1: 1080 + 32·P + 48·N bytes per index file
+PUSH_ID_BYTES = 100          # transport/src/send.rs (MAX_BASE_IMAGES): a base image's chunk ids, ~100 bytes a chunk
+PUSH_MAX_BASES = 2           # transport/src/send.rs MAX_BASE_IMAGES
+
+
+def dur(s):
+    if s is None:
+        return "–"
+    if s >= 3600:
+        return f"{s:.0f} s ({s / 3600:.1f} h)"
+    if s >= 120:
+        return f"{s:.0f} s ({s / 60:.1f} min)"
+    return sec(s)
+
+
+def rng(kbs):
+    lo, hi = min(kbs) / 1024, max(kbs) / 1024
+    return f"{lo:.0f}" if round(lo) == round(hi) else f"{lo:.0f}–{hi:.0f}"
+
+
+def extrapolation_section(R, a):
+    tp = (R.get("throughput") or {}).get("rows", {})
+    fmt = "legacy" if any(p["format"] == "legacy" for p in R.get("pairs", [])) else \
+        (R["pairs"][0]["format"] if R.get("pairs") else None)
+    prs = [p for p in R.get("pairs", []) if p["format"] == fmt]
+    if not prs or "add_new" not in tp or "add_stored" not in tp:
+        return
+    T, N = EXTRAP_BYTES, EXTRAP_VERSIONS
+    tgb = f"{T / 1e9:.0f} GB"
+    new_r, st_r = tp["add_new"]["MBps"] * 1e6, tp["add_stored"]["MBps"] * 1e6
+    img = R["throughput"]["image"]
+    v1 = prs[0]
+    v1_size, v1a = v1["v1_size"], v1["v1_add"]
+    k1 = T / v1_size
+    # chunks per GB: a row of the store table where every layer was chunked (the most chunks per MB);
+    # rows with unchanged layers count only the chunks of the layers not confirmed whole
+    cr = max(prs, key=lambda p: p["chunks"] / p["v2_size"])
+    cpb = cr["chunks"] / cr["v2_size"]
+    a(f"## Extrapolation: a {tgb} image and a store of {N} versions")
+    a("")
+    a(f"Arithmetic only, on figures of this run (nothing here was measured at {tgb}): wharf at its defaults "
+      f"(avg chunk {R.get('default_avg_kib', '?')} KiB, zstd -{R.get('default_zstd', '?')}, deltas on, zstd level "
+      f"{R.get('delta_level') or '?'}), format `{fmt}` (uncompressed layers; `oci` gives the same figures within 1%). "
+      f"Every figure is scaled linearly: k = {tgb} / the measured image's size, and each new version is assumed to "
+      f"change the **same share** of the image as the measured v1 -> v2 of its scenario. Limits: one shared 2-core "
+      f"machine, images of {mb(v1_size)} MB (about 1/{T / v1_size:.0f} of {tgb}), one run for every per-scenario "
+      "figure, and linear scaling, which nothing here checks: at 40 GB the page cache may no longer hold the image "
+      "or the store, and the index is hundreds of times larger (see (4)).")
+    a("")
+    a("Measured inputs (source rows):")
+    a("")
+    a("| input | value | source |")
+    a("|---|---:|---|")
+    a(f"| add, new data | {tp['add_new']['MBps']:.0f} MB/s | Throughput: *{tp['add_new']['label']}* (`{img}`, median of "
+      f"{R['throughput']['reps']}) |")
+    a(f"| add, already-stored data | {tp['add_stored']['MBps']:.0f} MB/s | Throughput: *{tp['add_stored']['label']}* |")
+    a(f"| v1 | {mb(v1_size)} MB; add {sec(v1a['secs'])} s; store growth {mb(v1a['store_growth'])} MB | wharf store: "
+      f"*v1 adds*, `{fmt}` |")
+    if v1.get("v1_push"):
+        a(f"| push of v1 to an empty receiver | {mb(v1['v1_push']['bytes'])} MB in {sec(v1['v1_push']['secs'])} s | "
+          f"wharf transfer: *Receivers' v1*, `{fmt}` |")
+    a(f"| chunks per GB | {cr['chunks']} chunks / {mb(cr['v2_size'], 1e9)} GB = {cpb * 1e9:,.0f} | wharf store: "
+      f"`{fmt}/{cr['scenario']}` *chunks* (every layer chunked there; the other rows count only the chunks of layers "
+      "not confirmed whole) |")
+    a(f"| per scenario: v2 MB, new raw MB, store growth MB, new chunks | see the tables below | wharf store: `{fmt}` rows |")
+    a(f"| per scenario: push bytes and seconds, with and without deltas | see (2) | wharf transfer: `{fmt}` rows |")
+    a(f"| index entry | {INDEX_ENTRY_BYTES} bytes per chunk; {INDEX_FIXED_BYTES} + 32 per pack per index file | "
+      "spec/FORMAT.md §5.1 |")
+    a(f"| chunk ids a push with deltas holds per base image | about {PUSH_ID_BYTES} bytes a chunk, at most "
+      f"{PUSH_MAX_BASES} base images | transport/src/send.rs (`MAX_BASE_IMAGES`) |")
+    a("")
+
+    # (1) add time
+    a(f"**(1) Time to add a {tgb} image.** f = new raw / v2 size (share of new bytes). Model: t = {tgb} × "
+      f"(f / {tp['add_new']['MBps']:.0f} MB/s + (1 − f) / {tp['add_stored']['MBps']:.0f} MB/s). The already-stored "
+      "rate was measured re-adding an identical tar, where whole layers are confirmed at once; unchanged data inside "
+      "a *changed* layer has to be chunked and hashed, so the model is a lower bound for scenarios that touch many "
+      "layers. The last column scales the measured `add v2` time of the store table "
+      "instead (one run, the tar not necessarily in the page cache); take the larger of the two for "
+      "planning.")
+    a("")
+    a(f"| add | f (share new) | model s at {tgb} | measured add s × k | k |")
+    a("|---|---:|---:|---:|---:|")
+    a(f"| first (v1 into an empty store) | 1 | {dur(T / new_r)} | {dur(v1a['secs'] * k1)} | {k1:.1f} |")
+    for p in prs:
+        f = p["new_bytes"] / p["v2_size"]
+        k = T / p["v2_size"]
+        a(f"| new version: {p['scenario']} | {100 * f:.3f}% | {dur(T * (f / new_r + (1 - f) / st_r))} | "
+          f"{dur(p['add_secs'] * k)} | {k:.1f} |")
+    a("")
+    gt = (R.get("gzip_throughput") or {}).get("rows", {})
+    if "add_new" in gt:
+        g = R["gzip_throughput"]
+        a(f"Images with gzip layers are much slower to add: {gt['add_new']['MBps']:.1f} MB/s of image for "
+          f"`{g['image']}` ({mb(g['size'])} MB, one run), so a {tgb} image of gzip layers would take "
+          f"{dur(T / (gt['add_new']['MBps'] * 1e6))} the first time (it also holds about "
+          f"{g['plain'] / g['size']:.1f}× as many bytes of plaintext).")
+        a("")
+
+    # (2) push
+    tr = [p for p in prs if good((p.get("transfer") or {}).get("push")) and good(p["transfer"].get("push_nodelta"))]
+    if tr:
+        a(f"**(2) A push of a new version to a receiver holding the previous one.** Bytes at {tgb} = measured bytes × k, "
+          "k = 40 GB / v2 size: this holds only if the new version changes the same share of a 40 GB image as of the "
+          "small one (a 40 GB image with one changed file would send about what the small one sends). Time: the "
+          "measured push seconds per *changed* MB (new raw MB of the store table) are nearly the same across the "
+          "scenarios that change real data (the delta search and encoding of the changed chunks is the work), while "
+          "seconds per MB of image vary with the change; so time at 40 GB = (s per changed MB) × (new raw MB × k). "
+          "Under the same-share assumption this is the measured time × k. app-change changes almost nothing: its time "
+          "is fixed overhead (recipe, negotiation), and scaling it by k assumes that overhead grows with the number "
+          "of chunks. Link time is not included (bytes / link speed).")
+        a("")
+        a(f"| scenario | k | push, deltas MB | at {tgb}, MB | push, no deltas MB | at {tgb}, MB | changed MB at {tgb} | "
+          f"push s, deltas | s per changed MB | at {tgb}, s | push s, no deltas | at {tgb}, s |")
+        a("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        if v1.get("v1_push"):
+            vp = v1["v1_push"]
+            a(f"| first push (v1 to an empty receiver) | {k1:.1f} | – | – | {mb(vp['bytes'])} | {mb(vp['bytes'] * k1)} | "
+              f"{mb(v1_size * k1)} | – | {vp['secs'] / (v1_size / 1e6):.4f} | – | {sec(vp['secs'])} | {dur(vp['secs'] * k1)} |")
+        for p in tr:
+            d, n = p["transfer"]["push"], p["transfer"]["push_nodelta"]
+            k = T / p["v2_size"]
+            spm = d["secs"] / (p["new_bytes"] / 1e6)
+            a(f"| {p['scenario']} | {k:.1f} | {mb(d['bytes'])} | {mb(d['bytes'] * k)} | {mb(n['bytes'])} | "
+              f"{mb(n['bytes'] * k)} | {mb(p['new_bytes'] * k)} | {sec(d['secs'])} | {spm:.4f} | "
+              f"{dur(spm * p['new_bytes'] / 1e6 * k)} | {sec(n['secs'])} | {dur(n['secs'] * k)} |")
+        a("")
+
+    # (3) store after N versions, (4) index
+    v1_store = v1a["store_growth"] * k1
+    v1_chunks = cpb * T
+    a(f"**(3) Store size after {N} versions** (no prune), each new version being the v1 -> v2 change of one scenario "
+      f"(rebuild and dep-bump are the likely ones; all four shown): store = v1 store growth × k1 + {N - 1} × (v2 store "
+      f"growth × k), k1 = {tgb} / v1 size = {k1:.1f}. Store growth is packs + index + ref (stored bytes alone are "
+      f"{mb(v1a['stored_bytes'])} MB for v1). {N} full copies would be {N * T / 1e9:.0f} GB.")
+    a("")
+    a(f"**(4) Index size**: entries = chunks of v1 at {tgb} + {N - 1} × new chunks per version × k, with chunks "
+      f"of v1 at {tgb} = {cpb * 1e9:,.0f} per GB × {T / 1e9:.0f} = {v1_chunks:,.0f} (an upper bound: chunks repeated "
+      f"inside the image get one entry); index bytes = {INDEX_ENTRY_BYTES} × entries, plus {INDEX_FIXED_BYTES} + 32 "
+      "per pack per index file (under 0.1 MB for a few hundred packs of 256 MiB, left out). Check on v1: store growth − "
+      f"stored = {mb(v1a['store_growth'] - v1a['stored_bytes'])} MB, about {INDEX_ENTRY_BYTES} bytes × "
+      f"{(v1a['store_growth'] - v1a['stored_bytes']) / INDEX_ENTRY_BYTES:,.0f} (index and ref), against "
+      f"{cpb * v1_size:,.0f} chunks at the rate above.")
+    a("")
+    a(f"| each new version is | v1 store at {tgb}, GB | growth per version MB | at {tgb}, GB | store after {N} versions, GB | "
+      f"÷ one image | ÷ {N} full copies | new chunks per version at {tgb} | index entries after {N} | index MB |")
+    a("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for p in prs:
+        k = T / p["v2_size"]
+        tot = v1_store + (N - 1) * p["store_growth"] * k
+        ent = v1_chunks + (N - 1) * p["new_chunks"] * k
+        a(f"| {p['scenario']} | {mb(v1_store, 1e9)} | {mb(p['store_growth'])} | {mb(p['store_growth'] * k, 1e9)} | "
+          f"{mb(tot, 1e9)} | {tot / T:.2f} | {100 * tot / (N * T):.1f}% | {p['new_chunks'] * k:,.0f} | {ent:,.0f} | "
+          f"{mb(ent * INDEX_ENTRY_BYTES)} |")
+    a("")
+
+    # (5) memory
+    wk = [p.get(x) for p in prs for x in ("add_rss_kb", "extract_rss_kb")]
+    wk += [tp[x]["rss_kb"] for x in ("add_new", "add_stored", "extract_null", "extract_file") if x in tp]
+    wk = [x for x in wk if x]
+    pk = [p["transfer"]["push"]["rss_kb"] for p in tr if p["transfer"]["push"].get("rss_kb")]
+    a(f"**(5) Memory** (MB here = MiB, as *peak MB* above). add and extract: peak {rng(wk)} MB in every `{fmt}` add, "
+      f"extract, re-add and throughput run, the same for v1, v2 and every scenario; all were {mb(v1_size)} MB images "
+      "(gzip-layer images: up to "
+      f"{max([p.get('add_rss_kb') or 0 for p in R['pairs']] + [(p.get('v1_add') or {}).get('rss_kb') or 0 for p in R['pairs']]) / 1024:.0f} MB). "
+      "Nothing in these runs shows it growing with the image, but no larger image was measured, so that it stays "
+      f"bounded at {tgb} is not shown here; the index (memory-mapped) of (4), some hundreds of MB, counts in RSS as "
+      "far as its pages are touched, which was not measured either.")
+    if pk:
+        a("")
+        ids_small = cpb * v1_size * PUSH_ID_BYTES
+        ids_big = v1_chunks * PUSH_ID_BYTES
+        est = max(pk) * 1024 - ids_small + ids_big
+        a(f"Push with deltas: measured peak {rng(pk)} MB (push and its receiving "
+          f"child). Of that, the base image's chunk ids were only about {ids_small / 2**20:.1f} MB ({cpb * v1_size:,.0f} chunks × "
+          f"{PUSH_ID_BYTES} bytes); at {tgb} they are {v1_chunks:,.0f} × {PUSH_ID_BYTES} bytes = {ids_big / 2**20:.0f} MB per "
+          f"base image. Estimate = largest measured peak − ids at {mb(v1_size)} MB + ids at {tgb} = "
+          f"{max(pk) / 1024:.0f} − {ids_small / 2**20:.0f} + {ids_big / 2**20:.0f} ≈ **{est / 2**20:.0f} MB** (MiB) with one "
+          f"base image, about {(est + ids_big * (PUSH_MAX_BASES - 1)) / 2**20:.0f} MB with {PUSH_MAX_BASES}; this assumes "
+          "the rest of the push's memory (delta search, buffers, the receiving child) does not grow with the image, which was not measured.")
     a("")
 
 
