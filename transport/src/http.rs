@@ -90,10 +90,18 @@ struct Srv {
     planners: Arc<Mutex<Vec<PlannerEntry>>>,
 }
 
-type PlannerEntry = ((ChunkId, Vec<ChunkId>), Arc<DeltaPlanner>);
+/// A cached planner, its key, and when it was last used.
+type PlannerEntry = (
+    (ChunkId, Vec<ChunkId>),
+    Arc<DeltaPlanner>,
+    std::time::Instant,
+);
 
 /// Planners kept by a server.
 const PLANNERS_KEPT: usize = 4;
+/// A planner unused this long is dropped: it holds maps the size of its
+/// image's chunk list, and its pull is over.
+const PLANNER_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// The body of a get-delta request: the number of base recipes (u32 LE),
 /// the recipe pulled, the base recipes, then the chunk ids wanted.
@@ -144,10 +152,15 @@ async fn h_get_delta(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiE
             .collect();
         bases.truncate(send::MAX_BASE_IMAGES);
         let key = (target, bases.clone());
-        let cached = planners
-            .lock()
-            .ok()
-            .and_then(|p| p.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()));
+        let cached = planners.lock().ok().and_then(|mut list| {
+            list.retain(|(_, _, used)| used.elapsed() < PLANNER_IDLE);
+            list.iter_mut()
+                .find(|(k, _, _)| *k == key)
+                .map(|(_, v, used)| {
+                    *used = std::time::Instant::now();
+                    v.clone()
+                })
+        });
         let planner = match cached {
             Some(p) => Some(p),
             None if store.contains(&target) => {
@@ -171,7 +184,7 @@ async fn h_get_delta(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiE
                             if list.len() >= PLANNERS_KEPT {
                                 list.remove(0);
                             }
-                            list.push((key, p.clone()));
+                            list.push((key, p.clone(), std::time::Instant::now()));
                         }
                         Some(p)
                     }
