@@ -15,7 +15,7 @@ use crate::frame::Kind;
 use crate::frame::{bit, decode_chunks, encode_ids, MAX_FRAME};
 use crate::send::{self, DeltaOptions};
 use crate::session::{
-    answer_has, answer_has_layers, check_hello, encode_stored, hello, DeltaOutcome, Hello,
+    answer_has, answer_has_layers, check_hello, encode_stored, hello, take_reply, Hello,
     PublishMsg, Receiver, TransferReport, BATCH_IDS, GET_BATCH, IN_FLIGHT,
 };
 use crate::{walk, Error, Result, PROTOCOL_VERSION};
@@ -425,21 +425,36 @@ async fn h_put(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiError> 
         }
         let mut r = Receiver::new(store.clone());
         r.put(&body).map_err(bad)?;
-        let _one = finish.lock().map_err(|_| {
-            ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "writer lock poisoned".into(),
-            )
-        })?;
-        r.flush().map_err(bad)?;
-        Ok(serde_json::to_vec(&serde_json::json!({
-            "received": r.received,
-            "new": r.new_chunks,
-        }))
-        .unwrap_or_default())
+        finish_put(&finish, r, bad)
     })
     .await
     .map(json)
+}
+
+/// Publishes what one PUT or PUT_DELTA request stored (one writer finishing
+/// at a time), and the reply: counts, or 409 naming deltas that failed
+/// (the chunks that could be rebuilt are stored all the same; the client
+/// sends the others whole).
+fn finish_put(
+    finish: &Mutex<()>,
+    mut r: Receiver,
+    bad: impl Fn(Error) -> ApiError,
+) -> Result<Vec<u8>, ApiError> {
+    let _one = finish.lock().map_err(|_| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "writer lock poisoned".into(),
+        )
+    })?;
+    r.flush().map_err(bad)?;
+    if let Some(m) = r.delta_failure() {
+        return Err(ApiError(StatusCode::CONFLICT, m));
+    }
+    Ok(serde_json::to_vec(&serde_json::json!({
+        "received": r.received,
+        "new": r.new_chunks,
+    }))
+    .unwrap_or_default())
 }
 
 async fn h_put_delta(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiError> {
@@ -452,29 +467,7 @@ async fn h_put_delta(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiE
             }
             e => api(e),
         })?;
-        let _one = finish.lock().map_err(|_| {
-            ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "writer lock poisoned".into(),
-            )
-        })?;
-        r.flush().map_err(api)?;
-        // The chunks that could be rebuilt are stored; the client hears
-        // about the others and sends them whole.
-        if let Some(why) = &r.first_delta_failure {
-            return Err(ApiError(
-                StatusCode::CONFLICT,
-                format!(
-                    "{} delta(s) could not be applied here, the first because: {why}",
-                    r.delta_failures
-                ),
-            ));
-        }
-        Ok(serde_json::to_vec(&serde_json::json!({
-            "received": r.received,
-            "new": r.new_chunks,
-        }))
-        .unwrap_or_default())
+        finish_put(&finish, r, api)
     })
     .await
     .map(json)
@@ -917,49 +910,21 @@ impl HttpClient {
                     let body = encode_get_delta(&r.recipe, &bases, b);
                     let reply = self.request("/v1/get-delta", Some(&body))?;
                     let mut rd: &[u8] = &reply;
+                    let mut want: HashSet<ChunkId> = b.iter().copied().collect();
+                    let mut failed = Vec::new();
                     let mut n = 0usize;
                     while let Some(f) = crate::frame::read_frame(&mut rd)? {
-                        match f.kind {
-                            Kind::Chunks => {
-                                let chunks = decode_chunks(&f.payload)?;
-                                if chunks.iter().any(|c| !asked.contains(&c.id)) {
-                                    return Err(Error::Protocol(
-                                        "get-delta reply carries chunks that were not asked for"
-                                            .into(),
-                                    ));
-                                }
-                                lock_receiver()?.put(&f.payload)?;
-                                n += chunks.len();
-                            }
-                            Kind::PutDelta => {
-                                let outcomes = lock_receiver()?.put_delta(&f.payload)?;
-                                for o in &outcomes {
-                                    match o {
-                                        DeltaOutcome::Stored(id) if !asked.contains(id) => {
-                                            return Err(Error::Protocol(
-                                                "get-delta reply rebuilt a chunk that was not asked for".into(),
-                                            ))
-                                        }
-                                        DeltaOutcome::Stored(_) => {}
-                                        DeltaOutcome::Failed(check) => {
-                                            if let Ok(mut w) = whole_only.lock() {
-                                                w.extend(b.iter().filter(|i| i.0[..check.len()] == check[..]));
-                                            }
-                                        }
-                                    }
-                                }
-                                n += outcomes.len();
-                                got_deltas.fetch_add(outcomes.len() as u64, Ordering::Relaxed);
-                                got_delta_bytes
-                                    .fetch_add(f.payload.len() as u64, Ordering::Relaxed);
-                            }
-                            k => {
-                                return Err(Error::Protocol(format!(
-                                    "unexpected {k:?} in a get-delta reply"
-                                )))
-                            }
+                        let got =
+                            take_reply(&mut *lock_receiver()?, &f, true, &mut want, &mut failed)?;
+                        n += got.chunks;
+                        if got.deltas > 0 {
+                            got_deltas.fetch_add(got.deltas as u64, Ordering::Relaxed);
+                            got_delta_bytes.fetch_add(f.payload.len() as u64, Ordering::Relaxed);
                         }
                         got_bytes.fetch_add(f.payload.len() as u64, Ordering::Relaxed);
+                    }
+                    if let Ok(mut w) = whole_only.lock() {
+                        w.extend(failed);
                     }
                     if n == 0 || n > b.len() {
                         return Err(Error::Protocol(

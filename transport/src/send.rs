@@ -3,7 +3,7 @@
 //! lacks into PUT and PUT_DELTA payloads.
 
 use crate::frame::{encode_chunk, Kind, WireChunk};
-use crate::session::TransferReport;
+use crate::session::{TransferReport, DELTAS_FAILED};
 use crate::walk::{self, HasOracle};
 use crate::Result;
 use rayon::prelude::*;
@@ -256,7 +256,7 @@ pub fn with_fallback<T>(
     mut push: impl FnMut(DeltaOptions) -> Result<T>,
 ) -> Result<T> {
     match push(deltas) {
-        Err(crate::Error::Remote(m)) if deltas.enabled && m.contains("could not be applied") => {
+        Err(crate::Error::Remote(m)) if deltas.enabled && m.contains(DELTAS_FAILED) => {
             push(DeltaOptions {
                 enabled: false,
                 ..deltas

@@ -145,6 +145,10 @@ pub(crate) fn check_hello(payload: &[u8]) -> Result<Hello> {
     Ok(h)
 }
 
+/// The words with which a receiver says some deltas failed: a pushing
+/// client that reads them sends the rest again without deltas.
+pub const DELTAS_FAILED: &str = "could not be applied";
+
 /// What became of one delta a receiver was sent.
 #[derive(Debug, Clone, Copy)]
 pub enum DeltaOutcome {
@@ -263,17 +267,25 @@ impl Receiver {
         Ok(())
     }
 
+    /// Says how many deltas could not be applied here and why the first
+    /// failed, in the words a sender recognises ([`DELTAS_FAILED`]).
+    pub fn delta_failure(&self) -> Option<String> {
+        self.first_delta_failure.as_ref().map(|why| {
+            format!(
+                "{} delta(s) {DELTAS_FAILED} here, the first because: {why}",
+                self.delta_failures
+            )
+        })
+    }
+
     pub fn publish(&mut self, msg: &PublishMsg) -> Result<()> {
         self.flush()?;
         let missing = walk::missing(&self.store, &msg.recipe)?;
         if !missing.is_empty() {
-            let deltas = match &self.first_delta_failure {
-                Some(why) => format!(
-                    "; {} delta(s) could not be applied here, the first because: {why}",
-                    self.delta_failures
-                ),
-                None => String::new(),
-            };
+            let deltas = self
+                .delta_failure()
+                .map(|m| format!("; {m}"))
+                .unwrap_or_default();
             return Err(Error::Protocol(format!(
                 "cannot publish {:?}: {} chunk(s) of its recipe are missing here (first: {}){deltas}",
                 msg.name,
@@ -298,6 +310,78 @@ impl Receiver {
             },
         )?;
         Ok(())
+    }
+}
+
+/// What one reply frame of a pull brought: chunks in all, and how many of
+/// them came as deltas.
+#[derive(Default)]
+pub(crate) struct Taken {
+    pub chunks: usize,
+    pub deltas: usize,
+}
+
+/// Stores what one CHUNKS or PUT_DELTA frame of a pull's reply carries.
+/// Every chunk must be one of `want` and is removed from it as it arrives
+/// (a server answers only what was asked, each once); a delta that could
+/// not be applied adds to `failed` the wanted ids its check prefix names,
+/// to be asked for whole. PUT_DELTA is accepted only with `deltas`.
+pub(crate) fn take_reply(
+    receiver: &mut Receiver,
+    f: &crate::frame::Frame,
+    deltas: bool,
+    want: &mut HashSet<ChunkId>,
+    failed: &mut Vec<ChunkId>,
+) -> Result<Taken> {
+    match f.kind {
+        Kind::Chunks => {
+            let chunks = decode_chunks(&f.payload)?;
+            if chunks.is_empty() {
+                return Err(Error::Protocol(
+                    "CHUNKS reply does not match the request".into(),
+                ));
+            }
+            if !chunks.iter().all(|c| want.remove(&c.id)) {
+                return Err(Error::Protocol(
+                    "CHUNKS reply carries chunks that were not asked for".into(),
+                ));
+            }
+            receiver.put(&f.payload)?;
+            Ok(Taken {
+                chunks: chunks.len(),
+                deltas: 0,
+            })
+        }
+        Kind::PutDelta if deltas => {
+            let outcomes = receiver.put_delta(&f.payload)?;
+            if outcomes.is_empty() || outcomes.len() > want.len() {
+                return Err(Error::Protocol(
+                    "delta reply does not match the request".into(),
+                ));
+            }
+            for o in &outcomes {
+                match o {
+                    DeltaOutcome::Stored(id) => {
+                        if !want.remove(id) {
+                            return Err(Error::Protocol(
+                                "delta reply rebuilt a chunk that was not asked for".into(),
+                            ));
+                        }
+                    }
+                    DeltaOutcome::Failed(check) => {
+                        failed.extend(want.iter().filter(|i| i.0[..check.len()] == check[..]));
+                    }
+                }
+            }
+            Ok(Taken {
+                chunks: outcomes.len(),
+                deltas: outcomes.len(),
+            })
+        }
+        Kind::Error => Err(Error::Remote(
+            String::from_utf8_lossy(&f.payload).into_owned(),
+        )),
+        k => Err(Error::Protocol(format!("expected CHUNKS, got {k:?}"))),
     }
 }
 
@@ -755,67 +839,21 @@ impl<R: Read, W: Write> Client<R, W> {
                 self.send(kind, &encode_ids(batch))?;
                 let mut want: HashSet<ChunkId> = batch.iter().copied().collect();
                 let mut left = batch.len();
+                let mut failed = Vec::new();
                 while left > 0 {
                     let f = read_frame(&mut self.input)?.ok_or_else(|| {
                         Error::Protocol("connection closed while waiting for CHUNKS".into())
                     })?;
-                    match f.kind {
-                        Kind::Chunks => {
-                            let chunks = decode_chunks(&f.payload)?;
-                            if chunks.is_empty() || chunks.len() > left {
-                                return Err(Error::Protocol(
-                                    "CHUNKS reply does not match the request".into(),
-                                ));
-                            }
-                            // A server may only answer with what was asked.
-                            if !chunks.iter().all(|c| want.remove(&c.id)) {
-                                return Err(Error::Protocol(
-                                    "CHUNKS reply carries chunks that were not asked for".into(),
-                                ));
-                            }
-                            rep.payload_bytes += f.payload.len() as u64;
-                            receiver.put(&f.payload)?;
-                            rep.chunks_sent += chunks.len() as u64;
-                            left -= chunks.len();
-                        }
-                        Kind::PutDelta if delta_ok => {
-                            let outcomes = receiver.put_delta(&f.payload)?;
-                            if outcomes.is_empty() || outcomes.len() > left {
-                                return Err(Error::Protocol(
-                                    "delta reply does not match the request".into(),
-                                ));
-                            }
-                            for o in &outcomes {
-                                match o {
-                                    DeltaOutcome::Stored(id) => {
-                                        if !want.remove(id) {
-                                            return Err(Error::Protocol(
-                                                "delta reply rebuilt a chunk that was not asked for"
-                                                    .into(),
-                                            ));
-                                        }
-                                    }
-                                    DeltaOutcome::Failed(check) => {
-                                        whole_only.extend(
-                                            want.iter().filter(|i| i.0[..check.len()] == check[..]),
-                                        );
-                                    }
-                                }
-                            }
-                            rep.payload_bytes += f.payload.len() as u64;
-                            rep.delta_bytes += f.payload.len() as u64;
-                            rep.delta_chunks += outcomes.len() as u64;
-                            rep.chunks_sent += outcomes.len() as u64;
-                            left -= outcomes.len();
-                        }
-                        Kind::Error => {
-                            return Err(Error::Remote(
-                                String::from_utf8_lossy(&f.payload).into_owned(),
-                            ))
-                        }
-                        k => return Err(Error::Protocol(format!("expected CHUNKS, got {k:?}"))),
+                    let got = take_reply(&mut receiver, &f, delta_ok, &mut want, &mut failed)?;
+                    rep.payload_bytes += f.payload.len() as u64;
+                    if got.deltas > 0 {
+                        rep.delta_bytes += f.payload.len() as u64;
                     }
+                    rep.delta_chunks += got.deltas as u64;
+                    rep.chunks_sent += got.chunks as u64;
+                    left -= got.chunks;
                 }
+                whole_only.extend(failed);
                 rep.wire_bytes_in = self.input.count;
                 progress(&rep);
             }
