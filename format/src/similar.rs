@@ -406,6 +406,10 @@ pub struct DeltaPlanner {
     mappings: Vec<Mapping>,
     level: i32,
     pub stats: PlannerStats,
+    /// Tar indexes read while pairing: a layer's skeleton is read once,
+    /// though pairing by shared paths and mapping its files both need it.
+    /// Emptied once the planner is built.
+    tars: HashMap<ChunkId, Arc<TarIndex>>,
 }
 
 impl DeltaPlanner {
@@ -423,6 +427,7 @@ impl DeltaPlanner {
             mappings: Vec::new(),
             level,
             stats: PlannerStats::default(),
+            tars: HashMap::new(),
         };
         if bases.is_empty() {
             return Ok(p);
@@ -446,6 +451,7 @@ impl DeltaPlanner {
             }
         }
         p.pair(&rec.root, &old_roots[0], &extra, 0)?;
+        p.tars = HashMap::new();
         Ok(p)
     }
 
@@ -482,8 +488,8 @@ impl DeltaPlanner {
                 self.map_stream(new, old, StreamKind::Data, Vec::new())?;
             }
             (NodeBody::Tar { children: nc, .. }, NodeBody::Tar { children: oc, .. }) => {
-                let ni = index_tar(&self.resolver, new, &n)?;
-                let oi = index_tar(&self.resolver, old, &o)?;
+                let ni = self.tar_index(new, &n)?;
+                let oi = self.tar_index(old, &o)?;
                 self.map_tar(new, old, &ni, &oi)?;
                 let (nc, oc) = (nc.clone(), oc.clone());
                 self.pair_children(&nc, &ni, &oc, &oi, extra, depth)?;
@@ -547,14 +553,23 @@ impl DeltaPlanner {
         Ok(())
     }
 
+    fn tar_index(&mut self, id: &ChunkId, node: &Node) -> Result<Arc<TarIndex>> {
+        if let Some(t) = self.tars.get(id) {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(index_tar(&self.resolver, id, node)?);
+        self.tars.insert(*id, t.clone());
+        Ok(t)
+    }
+
     /// File paths inside a node (through gzip), for pairing layers.
-    fn tar_paths(&self, id: &ChunkId) -> Result<HashSet<u64>> {
+    fn tar_paths(&mut self, id: &ChunkId) -> Result<HashSet<u64>> {
         let mut id = *id;
         for _ in 0..4 {
             let n = self.node(&id)?;
             match &n.body {
                 NodeBody::Gzip { plain, .. } => id = *plain,
-                NodeBody::Tar { .. } => return Ok(index_tar(&self.resolver, &id, &n)?.path_set()),
+                NodeBody::Tar { .. } => return Ok(self.tar_index(&id, &n)?.path_set()),
                 NodeBody::Raw { .. } => break,
             }
         }
