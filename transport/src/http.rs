@@ -145,13 +145,10 @@ async fn h_get_delta(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiE
                 ));
             }
         }
-        let complete = walk::complete_layers(store).map_err(api)?;
-        let mut bases: Vec<ChunkId> = cands
-            .into_iter()
-            .filter(|c| send::held_whole(store, c, &complete))
-            .collect();
-        bases.truncate(send::MAX_BASE_IMAGES);
-        let key = (target, bases.clone());
+        // Keyed by what the client offered: the requests of one pull offer
+        // the same, and which of it this store holds whole is worked out
+        // (reading every published recipe) once, when the planner is built.
+        let key = (target, cands.clone());
         let cached = planners.lock().ok().and_then(|mut list| {
             list.retain(|(_, _, used)| used.elapsed() < PLANNER_IDLE);
             list.iter_mut()
@@ -164,6 +161,12 @@ async fn h_get_delta(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiE
         let planner = match cached {
             Some(p) => Some(p),
             None if store.contains(&target) => {
+                let complete = walk::complete_layers(store).map_err(api)?;
+                let mut bases: Vec<ChunkId> = cands
+                    .into_iter()
+                    .filter(|c| send::held_whole(store, c, &complete))
+                    .collect();
+                bases.truncate(send::MAX_BASE_IMAGES);
                 // Deltas are an optimisation: a planner that cannot be
                 // built leaves the reply plain rather than failing it.
                 match send::planner(
