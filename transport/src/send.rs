@@ -122,10 +122,7 @@ pub fn negotiate(
     planner: Option<&DeltaPlanner>,
     has: &mut HasOracle<'_>,
 ) -> Result<Negotiated> {
-    let mut known: HashSet<ChunkId> = HashSet::new();
-    for b in bases {
-        known.extend(walk::image_chunks(store, b, &HashSet::new())?);
-    }
+    let known = walk::closure_of(store, bases)?;
     let rec = load_recipe(store, recipe)?;
     let layer_ids: Vec<ChunkId> = rec.layers.iter().map(|l| l.node).collect();
     let mut held = has(&layer_ids, true)?;

@@ -79,6 +79,16 @@ fn node_parts(node: &Node) -> (Vec<ChunkId>, Vec<StreamRef>) {
     }
 }
 
+/// Every chunk of the images `recipes`: what a receiver holding them whole
+/// need not be asked about.
+pub fn closure_of(store: &Store, recipes: &[ChunkId]) -> Result<HashSet<ChunkId>> {
+    let mut out = HashSet::new();
+    for r in recipes {
+        out.extend(image_chunks(store, r, &HashSet::new())?);
+    }
+    Ok(out)
+}
+
 /// Layer nodes of published images: complete by construction, since a
 /// name is only set once everything below it is present.
 pub fn complete_layers(store: &Store) -> Result<HashSet<ChunkId>> {
@@ -291,10 +301,7 @@ pub fn plan_push(
 ) -> Result<Plan> {
     let r = store.require_ref(name)?;
     let rec = load_recipe(store, &r.recipe)?;
-    let mut known: HashSet<ChunkId> = HashSet::new();
-    for b in bases {
-        known.extend(image_chunks(store, b, &HashSet::new())?);
-    }
+    let known = closure_of(store, bases)?;
     let mut ask = |ids: &[ChunkId], whole: bool| -> Result<Vec<bool>> {
         let unknown: Vec<ChunkId> = ids.iter().filter(|i| !known.contains(i)).copied().collect();
         let mut answers = has(&unknown, whole)?.into_iter();
