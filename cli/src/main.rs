@@ -27,6 +27,7 @@ use wharf_format::chunker::ChunkParams;
 use wharf_format::ingest::{self, AddOptions};
 use wharf_format::store::{Store, StoreConfig};
 use wharf_format::{extract, maintenance};
+use wharf_objstore::ObjectBackend;
 
 #[derive(Parser)]
 #[command(
@@ -41,7 +42,10 @@ Typical use:\n  wharf init\n  docker save app:v1 | wharf add - --name app:v1\n  
 Try `wharf demo` for a self-contained run that needs no Docker."
 )]
 struct Cli {
-    /// The store directory. Default: $WHARF_STORE, else $XDG_DATA_HOME/wharf, else ~/.local/share/wharf.
+    /// The store: a directory, or s3://bucket/prefix for a bucket on AWS S3 or any
+    /// S3-compatible server (credentials, region and endpoint from AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL). Default: $WHARF_STORE, else
+    /// $XDG_DATA_HOME/wharf, else ~/.local/share/wharf.
     #[arg(long, global = true, env = "WHARF_STORE")]
     store: Option<PathBuf>,
 
@@ -102,6 +106,11 @@ enum Cmd {
         /// Say what would be freed, change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Leave packs younger than this alone (90s, 30m, 2h, 1d). Default: 0 for a
+        /// directory, whose lock keeps writers out; 1h for an object store, where a
+        /// writer on another machine may have uploaded packs it has not yet named.
+        #[arg(long, value_parser = parse_duration)]
+        grace: Option<std::time::Duration>,
     },
     /// Run `docker save IMAGE...` and store its output as it streams (no tar on disk).
     ///
@@ -284,8 +293,41 @@ fn main() {
     }
 }
 
+/// A store URL (`s3://bucket/prefix`) as a backend, or None for a directory.
+fn object_backend(path: &std::path::Path) -> Result<Option<Arc<ObjectBackend>>> {
+    match path.to_str() {
+        Some(url) if wharf_objstore::is_object_url(url) => {
+            Ok(Some(Arc::new(ObjectBackend::open_url(url)?)))
+        }
+        _ => Ok(None),
+    }
+}
+
 fn open_store(path: &std::path::Path) -> Result<Arc<Store>> {
-    Ok(Arc::new(Store::open(path)?))
+    Ok(Arc::new(match object_backend(path)? {
+        Some(b) => Store::open_backend(b)?,
+        None => Store::open(path)?,
+    }))
+}
+
+/// "90s", "30m", "2h", "1d" or plain seconds.
+fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a duration such as 90s, 30m, 2h or 1d"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{s:?}: unit must be s, m, h or d")),
+    };
+    Ok(std::time::Duration::from_secs(n * mult))
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -308,7 +350,14 @@ fn run(cli: Cli) -> Result<()> {
                 zstd_level,
                 ..StoreConfig::default()
             };
-            Store::init(&store_path, config)?;
+            match object_backend(&store_path)? {
+                Some(b) => {
+                    Store::init_backend(b, config)?;
+                }
+                None => {
+                    Store::init(&store_path, config)?;
+                }
+            }
             if cli.json {
                 out!("{}", serde_json::json!({"store": store_path}));
             } else {
@@ -499,9 +548,9 @@ fn run(cli: Cli) -> Result<()> {
                 out!("{}", serde_json::json!({"removed": names}));
             }
         }
-        Cmd::Gc { dry_run } => {
+        Cmd::Gc { dry_run, grace } => {
             let store = open_store(&store_path)?;
-            let rep = maintenance::gc(&store, dry_run)?;
+            let rep = maintenance::gc_with_grace(&store, dry_run, grace)?;
             if cli.json {
                 out!("{}", serde_json::to_string_pretty(&rep)?);
             } else {
@@ -513,6 +562,13 @@ fn run(cli: Cli) -> Result<()> {
                     rep.packs_rewritten,
                     rep.live_chunks
                 );
+                if rep.packs_too_young > 0 {
+                    out!(
+                        "{} pack(s) younger than the grace period ({}s) left alone (see --grace)",
+                        rep.packs_too_young,
+                        rep.grace_secs
+                    );
+                }
             }
         }
         Cmd::Save { images, name } => docker::save_cmd(

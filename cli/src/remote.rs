@@ -39,6 +39,13 @@ fn spawn_server(dest: &str) -> Result<Child> {
             "{remote_bin} --store {quoted} --quiet serve --stdio"
         ));
         c
+    } else if wharf_objstore::is_object_url(dest) {
+        // A bucket needs no wharf server: this machine runs one against it.
+        let mut c = Command::new(std::env::current_exe().context("find the wharf binary")?);
+        c.arg("--store")
+            .arg(dest)
+            .args(["--quiet", "serve", "--stdio"]);
+        c
     } else {
         let path = dest.strip_prefix("file://").unwrap_or(dest);
         if !Path::new(path).join("config.json").exists() {

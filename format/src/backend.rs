@@ -14,6 +14,13 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+/// Held while the store is locked; dropping it releases the lock.
+pub type LockGuard = Box<dyn std::any::Any + Send>;
+
+/// One ranged read: object name, offset, length.
+pub type RangeRead<'a> = (&'a str, u64, usize);
 
 /// The two families of immutable objects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -39,8 +46,10 @@ pub trait Backend: Send + Sync {
     fn list(&self, kind: ObjectKind) -> Result<Vec<String>>;
     /// Removes an object; removing a missing object is not an error.
     fn delete(&self, kind: ObjectKind, name: &str) -> Result<()>;
-    /// A local path of the object when it can be memory-mapped directly.
-    fn local_path(&self, kind: ObjectKind, name: &str) -> Option<PathBuf>;
+    /// A local path of the object, for memory-mapping: the object itself in
+    /// a local directory, a cached copy for remote stores (index files only),
+    /// None where the backend cannot provide one.
+    fn local_path(&self, kind: ObjectKind, name: &str) -> Result<Option<PathBuf>>;
     /// The current value of a ref, if set.
     fn read_ref(&self, name: &str) -> Result<Option<Vec<u8>>>;
     /// Sets (Some) or removes (None) a ref atomically: a reader sees the old
@@ -48,7 +57,53 @@ pub trait Backend: Send + Sync {
     fn write_ref(&self, name: &str, value: Option<&[u8]>) -> Result<()>;
     /// Names of all refs.
     fn list_refs(&self) -> Result<Vec<String>>;
+    /// The store's settings (`config.json`), or None where no store exists.
+    fn read_config(&self) -> Result<Option<Vec<u8>>>;
+    /// Writes the settings of a new store; fails if a store is already there.
+    fn create_config(&self, bytes: &[u8]) -> Result<()>;
+    /// Takes the store's lock: shared for writers that only add, exclusive
+    /// for gc, which must not delete what a concurrent writer is about to use.
+    fn lock(&self, exclusive: bool) -> Result<LockGuard>;
+
+    /// Reads many ranges at once. Backends with a per-request cost (object
+    /// stores) coalesce neighbours and keep several requests in flight.
+    fn read_ranges(&self, kind: ObjectKind, reads: &[RangeRead<'_>]) -> Result<Vec<Vec<u8>>> {
+        reads
+            .iter()
+            .map(|(name, off, len)| {
+                let mut buf = vec![0u8; *len];
+                self.read_at(kind, name, *off, &mut buf)?;
+                Ok(buf)
+            })
+            .collect()
+    }
+    /// How many chunks a sequential reader should ask for at once: more
+    /// where each request costs a round trip.
+    fn read_batch_hint(&self) -> usize {
+        32
+    }
+    /// When an object was written, where the backend knows.
+    fn modified(&self, _kind: ObjectKind, _name: &str) -> Result<Option<SystemTime>> {
+        Ok(None)
+    }
+    /// How long gc leaves packs younger than this alone unless told
+    /// otherwise. Zero where the lock alone keeps writers out (a local
+    /// directory); an hour on shared object stores, where a writer that
+    /// uploaded a pack but not yet its index must not lose it.
+    fn default_gc_grace(&self) -> Duration {
+        Duration::ZERO
+    }
+    /// Local files left by interrupted writers, safe to delete while the
+    /// exclusive lock is held.
+    fn leftovers(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.scratch_dir())
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default()
+    }
 }
+
+const CONFIG_FILE: &str = "config.json";
+const LOCK_FILE: &str = "lock";
 
 /// A store in a local directory.
 pub struct LocalBackend {
@@ -233,8 +288,8 @@ impl Backend for LocalBackend {
         }
     }
 
-    fn local_path(&self, kind: ObjectKind, name: &str) -> Option<PathBuf> {
-        Some(self.object_path(kind, name))
+    fn local_path(&self, kind: ObjectKind, name: &str) -> Result<Option<PathBuf>> {
+        Ok(Some(self.object_path(kind, name)))
     }
 
     fn read_ref(&self, name: &str) -> Result<Option<Vec<u8>>> {
@@ -256,6 +311,64 @@ impl Backend for LocalBackend {
                 Err(e) => Err(e).ctx("remove ref", &p),
             },
         }
+    }
+
+    fn read_config(&self) -> Result<Option<Vec<u8>>> {
+        let p = self.root.join(CONFIG_FILE);
+        match fs::read(&p) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).ctx("read", &p),
+        }
+    }
+
+    fn create_config(&self, bytes: &[u8]) -> Result<()> {
+        let p = self.root.join(CONFIG_FILE);
+        if p.exists() {
+            return Err(Error::Invalid(format!(
+                "{} already holds a wharf store",
+                self.root.display()
+            )));
+        }
+        write_atomic(&p, bytes)
+    }
+
+    fn lock(&self, exclusive: bool) -> Result<LockGuard> {
+        let p = self.root.join(LOCK_FILE);
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .ctx("open", &p)?;
+        if exclusive {
+            f.lock().ctx("lock exclusively", &p)?;
+        } else {
+            f.lock_shared().ctx("lock", &p)?;
+        }
+        Ok(Box::new(f))
+    }
+
+    fn modified(&self, kind: ObjectKind, name: &str) -> Result<Option<SystemTime>> {
+        let p = self.object_path(kind, name);
+        Ok(fs::metadata(&p).and_then(|m| m.modified()).ok())
+    }
+
+    fn leftovers(&self) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = fs::read_dir(&self.scratch)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        // Atomic-write temporaries next to refs and the config.
+        for dir in [self.root.clone(), self.root.join("refs")] {
+            if let Ok(d) = fs::read_dir(&dir) {
+                out.extend(
+                    d.filter_map(|e| e.ok())
+                        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+                        .map(|e| e.path()),
+                );
+            }
+        }
+        out
     }
 
     fn list_refs(&self) -> Result<Vec<String>> {

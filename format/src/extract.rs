@@ -15,15 +15,11 @@ use crate::recipe::{Node, NodeBody, Recipe};
 use crate::skeleton::{Record, SkeletonReader};
 use crate::store::Store;
 use crossbeam_channel::{bounded, Receiver};
-use rayon::prelude::*;
 use sha2::Digest;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-
-/// Chunks decoded ahead of the consumer, per stream.
-const BATCH: usize = 32;
 
 pub fn load_node(store: &Store, id: &ChunkId) -> Result<Node> {
     Node::decode(&store.read_chunk(id)?, id)
@@ -44,15 +40,16 @@ pub struct ChunkStreamReader {
 
 impl ChunkStreamReader {
     pub fn new(store: Arc<Store>, stream: StreamRef) -> Self {
-        let (tx, rx) = bounded::<Result<Vec<u8>>>(BATCH * 2);
+        let batch_len = store.backend().read_batch_hint().max(1);
+        let (tx, rx) = bounded::<Result<Vec<u8>>>(batch_len * 2);
         let remaining = stream.len;
         std::thread::spawn(move || {
             let reader_store = store.clone();
             let mut list = ListReader::new(&stream, move |id| reader_store.read_chunk(id));
             loop {
-                let mut batch = Vec::with_capacity(BATCH);
+                let mut batch = Vec::with_capacity(batch_len);
                 let mut failed = None;
-                while batch.len() < BATCH {
+                while batch.len() < batch_len {
                     match list.next_entry() {
                         Ok(Some(e)) => batch.push(e),
                         Ok(None) => break,
@@ -62,22 +59,26 @@ impl ChunkStreamReader {
                         }
                     }
                 }
-                let done = batch.len() < BATCH;
-                let decoded: Vec<Result<Vec<u8>>> = batch
-                    .par_iter()
-                    .map(|e| {
-                        let b = store.read_chunk(&e.0)?;
-                        if b.len() != e.1 as usize {
-                            return Err(Error::Corrupt(format!(
-                                "chunk {}: length {} where the list says {}",
-                                e.0,
-                                b.len(),
-                                e.1
-                            )));
-                        }
-                        Ok(b)
-                    })
-                    .collect();
+                let done = batch.len() < batch_len;
+                let ids: Vec<ChunkId> = batch.iter().map(|e| e.0).collect();
+                let decoded: Vec<Result<Vec<u8>>> = match store.read_chunks(&ids) {
+                    Ok(bufs) => bufs
+                        .into_iter()
+                        .zip(&batch)
+                        .map(|(b, e)| {
+                            if b.len() != e.1 as usize {
+                                return Err(Error::Corrupt(format!(
+                                    "chunk {}: length {} where the list says {}",
+                                    e.0,
+                                    b.len(),
+                                    e.1
+                                )));
+                            }
+                            Ok(b)
+                        })
+                        .collect(),
+                    Err(e) => vec![Err(e)],
+                };
                 for d in decoded {
                     if tx.send(d).is_err() {
                         return;

@@ -209,6 +209,9 @@ pub struct GcReport {
     pub packs_rewritten: usize,
     pub bytes_freed: u64,
     pub temp_files_removed: usize,
+    /// Packs left alone because they are younger than the grace period.
+    pub packs_too_young: usize,
+    pub grace_secs: u64,
 }
 
 /// Packs with at most this fraction of live bytes are rewritten; others are
@@ -218,14 +221,46 @@ const REPACK_LIVE_FRACTION: f64 = 0.8;
 /// Frees what no name references. Crash-safe by ordering: new packs and the
 /// new index are published before any old index or pack is deleted, so at
 /// every instant each live chunk is reachable through some index.
+///
+/// Packs younger than `grace` (default: the backend's, see
+/// [`Backend::default_gc_grace`](crate::backend::Backend::default_gc_grace))
+/// are neither deleted nor rewritten, and every chunk in them counts as live:
+/// on a shared object store a writer may have uploaded them and not yet the
+/// index or the name that makes them reachable.
 pub fn gc(store: &Store, dry_run: bool) -> Result<GcReport> {
+    gc_with_grace(store, dry_run, None)
+}
+
+pub fn gc_with_grace(
+    store: &Store,
+    dry_run: bool,
+    grace: Option<std::time::Duration>,
+) -> Result<GcReport> {
     let _lock = store.lock(true)?;
     store.reload_index()?;
     let backend = store.backend();
+    let grace = grace.unwrap_or_else(|| backend.default_gc_grace());
     let mut rep = GcReport {
         dry_run,
+        grace_secs: grace.as_secs(),
         ..Default::default()
     };
+    let on_disk: Vec<String> = backend.list(ObjectKind::Pack)?;
+    let mut young: HashSet<String> = HashSet::new();
+    if !grace.is_zero() {
+        let now = std::time::SystemTime::now();
+        for n in &on_disk {
+            // A pack whose age cannot be told is treated as young: gc errs
+            // on the side of keeping.
+            let is_young = match backend.modified(ObjectKind::Pack, n)? {
+                Some(t) => now.duration_since(t).map(|a| a < grace).unwrap_or(true),
+                None => true,
+            };
+            if is_young {
+                young.insert(n.clone());
+            }
+        }
+    }
     let mut live: HashSet<ChunkId> = HashSet::new();
     for (name, r) in store.list_refs()? {
         walk_recipe(store, &r.recipe, &mut |id, _| {
@@ -249,7 +284,8 @@ pub fn gc(store: &Store, dry_run: bool) -> Result<GcReport> {
             let slot = packs.entry(p).or_default();
             let bytes = e.stored_len as u64 + pack::PACK_ENTRY_HEADER_LEN;
             slot.1 += bytes;
-            if live.contains(&e.id) && placed.insert(e.id) {
+            let keep_all = !young.is_empty() && young.contains(&p.name());
+            if (keep_all || live.contains(&e.id)) && placed.insert(e.id) {
                 slot.0 += bytes;
                 slot.2.push(e);
             }
@@ -259,17 +295,22 @@ pub fn gc(store: &Store, dry_run: bool) -> Result<GcReport> {
         }
     }
     rep.packs_before = packs.len();
-    let on_disk: Vec<String> = backend.list(ObjectKind::Pack)?;
     let orphans: Vec<String> = on_disk
         .iter()
         .filter(|n| PackId::parse(n).is_none_or(|p| !packs.contains_key(&p)))
+        .filter(|n| !young.contains(*n))
         .cloned()
         .collect();
     let mut keep: Vec<(PackId, Vec<IndexEntry>)> = Vec::new();
     let mut rewrite: Vec<(PackId, Vec<IndexEntry>)> = Vec::new();
     let mut drop_packs: Vec<PackId> = Vec::new();
+    rep.packs_too_young = young.len();
     for (p, (live_b, total_b, entries)) in packs {
-        if entries.is_empty() {
+        if young.contains(&p.name()) {
+            if !entries.is_empty() {
+                keep.push((p, entries));
+            }
+        } else if entries.is_empty() {
             drop_packs.push(p);
             rep.bytes_freed += total_b;
         } else if (live_b as f64) <= REPACK_LIVE_FRACTION * total_b as f64 {
@@ -284,21 +325,9 @@ pub fn gc(store: &Store, dry_run: bool) -> Result<GcReport> {
     }
     rep.packs_deleted = drop_packs.len() + orphans.len();
     rep.packs_rewritten = rewrite.len();
-    // Leftovers of interrupted writers: everything in the scratch directory,
-    // and atomic-write temporaries next to refs and the config. Safe to
-    // delete: gc holds the exclusive lock, so no writer is running.
-    let mut tmp_files: Vec<std::path::PathBuf> = std::fs::read_dir(backend.scratch_dir())
-        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
-    for dir in [store.root().to_path_buf(), store.root().join("refs")] {
-        if let Ok(d) = std::fs::read_dir(&dir) {
-            tmp_files.extend(
-                d.filter_map(|e| e.ok())
-                    .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
-                    .map(|e| e.path()),
-            );
-        }
-    }
+    // Leftovers of interrupted writers. Safe to delete: gc holds the
+    // exclusive lock, so no writer is running.
+    let tmp_files = backend.leftovers();
     rep.temp_files_removed = tmp_files.len();
     let nothing_to_do = drop_packs.is_empty() && rewrite.is_empty() && orphans.is_empty();
     if dry_run || (nothing_to_do && files.len() <= 1) {

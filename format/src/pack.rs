@@ -269,7 +269,7 @@ impl IndexFile {
     /// Maps and checks the structure (not the checksum; see `check_sum`).
     pub fn open(backend: &dyn Backend, name: &str) -> Result<Self> {
         let path = backend
-            .local_path(ObjectKind::Index, name)
+            .local_path(ObjectKind::Index, name)?
             .ok_or_else(|| Error::Invalid("backend cannot map index files".into()))?;
         let f = File::open(&path).ctx("open", &path)?;
         // SAFETY: memmap2 requires `unsafe` because another process could
@@ -418,7 +418,14 @@ pub fn read_stored(backend: &dyn Backend, id: &ChunkId, loc: &Location) -> Resul
     let start = loc.offset as u64 - PACK_ENTRY_HEADER_LEN;
     let mut buf = vec![0u8; PACK_ENTRY_HEADER_LEN as usize + loc.stored_len as usize];
     backend.read_at(ObjectKind::Pack, &loc.pack.name(), start, &mut buf)?;
-    if buf[..32] != id.0 {
+    check_entry(buf, id, loc)
+}
+
+/// Checks that an entry read from a pack (header and payload) is the chunk
+/// the index says, and returns its compressed bytes.
+pub fn check_entry(mut buf: Vec<u8>, id: &ChunkId, loc: &Location) -> Result<Vec<u8>> {
+    let start = loc.offset as u64 - PACK_ENTRY_HEADER_LEN;
+    if buf.len() < PACK_ENTRY_HEADER_LEN as usize || buf[..32] != id.0 {
         return Err(Error::Corrupt(format!(
             "pack {} at offset {}: entry header names another chunk than the index says ({id})",
             loc.pack.name(),
@@ -427,6 +434,32 @@ pub fn read_stored(backend: &dyn Backend, id: &ChunkId, loc: &Location) -> Resul
     }
     buf.drain(..PACK_ENTRY_HEADER_LEN as usize);
     Ok(buf)
+}
+
+const SCAN_WINDOW: usize = 8 << 20;
+
+/// A sliding read window over one pack.
+struct Window<'a> {
+    backend: &'a dyn Backend,
+    name: &'a str,
+    size: u64,
+    start: u64,
+    buf: Vec<u8>,
+}
+
+impl Window<'_> {
+    fn get(&mut self, at: u64, len: usize) -> Result<&[u8]> {
+        let end = at + len as u64;
+        if at < self.start || end > self.start + self.buf.len() as u64 {
+            let want = (len.max(SCAN_WINDOW) as u64).min(self.size - at) as usize;
+            self.buf.resize(want, 0);
+            self.backend
+                .read_at(ObjectKind::Pack, self.name, at, &mut self.buf)?;
+            self.start = at;
+        }
+        let from = (at - self.start) as usize;
+        Ok(&self.buf[from..from + len])
+    }
 }
 
 /// Walks every entry of a pack in order: (entry, compressed bytes). Used by
@@ -457,16 +490,23 @@ pub fn scan_pack(
             supported: PACK_VERSION as u64,
         });
     }
+    // Read in large windows: one request per window rather than two per
+    // chunk, which matters where each read is a round trip (object stores).
+    let mut win = Window {
+        backend,
+        name: &name,
+        size,
+        start: 0,
+        buf: Vec::new(),
+    };
     let mut at = PACK_HEADER_LEN;
-    let mut payload = Vec::new();
     while at < size {
         if at + PACK_ENTRY_HEADER_LEN > size {
             return Err(Error::Corrupt(format!(
                 "pack {name}: truncated entry header at {at}"
             )));
         }
-        let mut h = [0u8; PACK_ENTRY_HEADER_LEN as usize];
-        backend.read_at(ObjectKind::Pack, &name, at, &mut h)?;
+        let h = win.get(at, PACK_ENTRY_HEADER_LEN as usize)?;
         let mut id = [0u8; 32];
         id.copy_from_slice(&h[..32]);
         let raw_len = u32::from_le_bytes([h[32], h[33], h[34], h[35]]);
@@ -477,10 +517,9 @@ pub fn scan_pack(
                 "pack {name}: truncated chunk at {at}"
             )));
         }
-        payload.resize(stored_len as usize, 0);
-        backend.read_at(ObjectKind::Pack, &name, off, &mut payload)?;
         let offset = u32::try_from(off)
             .map_err(|_| Error::Corrupt(format!("pack {name}: larger than 4 GiB")))?;
+        let payload = win.get(off, stored_len as usize)?;
         visit(
             IndexEntry {
                 id: ChunkId(id),
@@ -489,7 +528,7 @@ pub fn scan_pack(
                 stored_len,
                 raw_len,
             },
-            &payload,
+            payload,
         )?;
         at = off + stored_len as u64;
     }

@@ -10,7 +10,6 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::collections::HashSet;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -20,8 +19,6 @@ pub const STORE_VERSION: u64 = 1;
 /// No chunk, node, list piece or block map wharf writes is larger; a
 /// received one that claims to be is refused (spec/FORMAT.md).
 pub const MAX_CHUNK_LEN: usize = 16 << 20;
-const CONFIG_FILE: &str = "config.json";
-const LOCK_FILE: &str = "lock";
 /// Index files are merged into one when a store has more than this many, so
 /// a lookup never probes more than a few files.
 pub const MAX_INDEX_FILES: usize = 8;
@@ -33,6 +30,22 @@ pub struct StoreConfig {
     pub chunking: ChunkParams,
     pub zstd_level: i32,
     pub pack_target: u64,
+}
+
+impl StoreConfig {
+    fn validate(&self) -> Result<()> {
+        self.chunking.validate()?;
+        if !(1..=22).contains(&self.zstd_level) {
+            return Err(Error::Invalid(format!(
+                "zstd level must be 1..=22, got {}",
+                self.zstd_level
+            )));
+        }
+        if self.pack_target < (1 << 20) || self.pack_target > (3u64 << 30) {
+            return Err(Error::Invalid("pack target must be 1 MiB..3 GiB".into()));
+        }
+        Ok(())
+    }
 }
 
 impl Default for StoreConfig {
@@ -58,7 +71,6 @@ pub struct RefValue {
 
 pub struct Store {
     backend: Arc<dyn Backend>,
-    root: PathBuf,
     pub config: StoreConfig,
     index: RwLock<Vec<Arc<IndexFile>>>,
 }
@@ -70,58 +82,59 @@ thread_local! {
 impl Store {
     /// Creates a store at `root` (the directory may exist but must not hold a store).
     pub fn init(root: &Path, config: StoreConfig) -> Result<Store> {
-        config.chunking.validate()?;
-        if !(1..=22).contains(&config.zstd_level) {
-            return Err(Error::Invalid(format!(
-                "zstd level must be 1..=22, got {}",
-                config.zstd_level
-            )));
-        }
-        if config.pack_target < (1 << 20) || config.pack_target > (3u64 << 30) {
-            return Err(Error::Invalid("pack target must be 1 MiB..3 GiB".into()));
-        }
+        config.validate()?;
         std::fs::create_dir_all(root).ctx("create store directory", root)?;
-        let cfg_path = root.join(CONFIG_FILE);
-        if cfg_path.exists() {
-            return Err(Error::Invalid(format!(
-                "{} already holds a wharf store",
-                root.display()
-            )));
-        }
-        LocalBackend::open(root)?;
-        let json = serde_json::to_vec_pretty(&config)
-            .map_err(|e| Error::Invalid(format!("encode config: {e}")))?;
-        crate::backend::write_atomic(&cfg_path, &json)?;
-        Store::open(root)
+        Store::init_backend(Arc::new(LocalBackend::open(root)?), config)
     }
 
+    /// Creates a store on any backend (an object store, say).
+    pub fn init_backend(backend: Arc<dyn Backend>, config: StoreConfig) -> Result<Store> {
+        config.validate()?;
+        if backend.read_config()?.is_some() {
+            return Err(Error::Invalid(format!(
+                "{} already holds a wharf store",
+                backend.location()
+            )));
+        }
+        let json = serde_json::to_vec_pretty(&config)
+            .map_err(|e| Error::Invalid(format!("encode config: {e}")))?;
+        backend.create_config(&json)?;
+        Store::open_backend(backend)
+    }
+
+    /// Opens the store in the directory `root`.
     pub fn open(root: &Path) -> Result<Store> {
-        let cfg_path = root.join(CONFIG_FILE);
-        let raw = match std::fs::read(&cfg_path) {
-            Ok(r) => r,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::NoStore(root.to_path_buf()))
-            }
-            Err(e) => return Err(e).ctx("read", &cfg_path),
-        };
-        let v: serde_json::Value = serde_json::from_slice(&raw)
-            .map_err(|e| Error::Corrupt(format!("{}: {e}", cfg_path.display())))?;
+        // Checked before the backend creates its subdirectories, so that a
+        // mistyped path is reported rather than half-initialised.
+        if !root.join("config.json").exists() {
+            return Err(Error::NoStore(root.to_path_buf()));
+        }
+        Store::open_backend(Arc::new(LocalBackend::open(root)?))
+    }
+
+    /// Opens the store a backend holds.
+    pub fn open_backend(backend: Arc<dyn Backend>) -> Result<Store> {
+        let location = backend.location();
+        let raw = backend
+            .read_config()?
+            .ok_or_else(|| Error::NoStore(PathBuf::from(&location)))?;
+        let cfg_name = format!("{location}/config.json");
+        let v: serde_json::Value =
+            serde_json::from_slice(&raw).map_err(|e| Error::Corrupt(format!("{cfg_name}: {e}")))?;
         let version = v.get("wharf_store").and_then(|x| x.as_u64()).unwrap_or(0);
         if version != STORE_VERSION {
             return Err(Error::UnsupportedVersion {
-                path: cfg_path.display().to_string(),
+                path: cfg_name,
                 what: "store",
                 found: version,
                 supported: STORE_VERSION,
             });
         }
-        let config: StoreConfig = serde_json::from_value(v)
-            .map_err(|e| Error::Corrupt(format!("{}: {e}", cfg_path.display())))?;
+        let config: StoreConfig =
+            serde_json::from_value(v).map_err(|e| Error::Corrupt(format!("{cfg_name}: {e}")))?;
         config.chunking.validate()?;
-        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::open(root)?);
         let store = Store {
             backend,
-            root: root.to_path_buf(),
             config,
             index: RwLock::new(Vec::new()),
         };
@@ -129,12 +142,17 @@ impl Store {
         Ok(store)
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// Where the store is, for messages: a directory or an object-store URL.
+    pub fn location(&self) -> String {
+        self.backend.location()
     }
 
     pub fn backend(&self) -> &dyn Backend {
         &*self.backend
+    }
+
+    pub fn backend_arc(&self) -> Arc<dyn Backend> {
+        self.backend.clone()
     }
 
     /// Re-reads the list of index files (after another process wrote some).
@@ -205,6 +223,41 @@ impl Store {
         Ok((loc.raw_len, pack::read_stored(&*self.backend, id, &loc)?))
     }
 
+    /// Reads many chunks (in the backend's fewest requests), decompresses
+    /// them in parallel and checks each one's BLAKE3; in the order asked.
+    pub fn read_chunks(&self, ids: &[ChunkId]) -> Result<Vec<Vec<u8>>> {
+        let mut locs = Vec::with_capacity(ids.len());
+        for id in ids {
+            locs.push(self.lookup(id).ok_or_else(|| Error::MissingChunk {
+                chunk: id.to_hex(),
+                context: String::new(),
+            })?);
+        }
+        let names: Vec<String> = locs.iter().map(|l| l.pack.name()).collect();
+        let reads: Vec<crate::backend::RangeRead<'_>> = locs
+            .iter()
+            .zip(&names)
+            .map(|(l, n)| {
+                (
+                    n.as_str(),
+                    l.offset as u64 - pack::PACK_ENTRY_HEADER_LEN,
+                    pack::PACK_ENTRY_HEADER_LEN as usize + l.stored_len as usize,
+                )
+            })
+            .collect();
+        let bufs = self
+            .backend
+            .read_ranges(crate::backend::ObjectKind::Pack, &reads)?;
+        use rayon::prelude::*;
+        bufs.into_par_iter()
+            .zip(ids.par_iter().zip(locs.par_iter()))
+            .map(|(buf, (id, loc))| {
+                let stored = pack::check_entry(buf, id, loc)?;
+                decode_checked(id, loc, &stored)
+            })
+            .collect()
+    }
+
     /// Reads a chunk, decompresses it and checks its BLAKE3.
     pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
         let loc = self.lookup(id).ok_or_else(|| Error::MissingChunk {
@@ -212,38 +265,15 @@ impl Store {
             context: String::new(),
         })?;
         let stored = pack::read_stored(&*self.backend, id, &loc)?;
-        let raw = decompress(&stored, loc.raw_len as usize).map_err(|e| {
-            Error::Corrupt(format!(
-                "chunk {id} in pack {}: cannot decompress: {e}",
-                loc.pack.name()
-            ))
-        })?;
-        if raw.len() != loc.raw_len as usize || ChunkId::of(&raw) != *id {
-            return Err(Error::Corrupt(format!(
-                "chunk {id} in pack {} at offset {}: content does not match its hash",
-                loc.pack.name(),
-                loc.offset
-            )));
-        }
-        Ok(raw)
+        decode_checked(id, &loc, &stored)
     }
 
     /// Takes the store's lock: shared for writers that only add, exclusive
     /// for gc, which must not delete what a concurrent add is about to use.
     pub fn lock(&self, exclusive: bool) -> Result<StoreLock> {
-        let p = self.root.join(LOCK_FILE);
-        let f = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&p)
-            .ctx("open", &p)?;
-        if exclusive {
-            f.lock().ctx("lock exclusively", &p)?;
-        } else {
-            f.lock_shared().ctx("lock", &p)?;
-        }
-        Ok(StoreLock { _file: f })
+        Ok(StoreLock {
+            _guard: self.backend.lock(exclusive)?,
+        })
     }
 
     pub fn get_ref(&self, name: &str) -> Result<Option<RefValue>> {
@@ -344,8 +374,25 @@ pub fn merge_indexes(backend: &dyn Backend, files: &[Arc<IndexFile>]) -> Result<
     pack::write_index(backend, &pack_list, iter)
 }
 
+fn decode_checked(id: &ChunkId, loc: &Location, stored: &[u8]) -> Result<Vec<u8>> {
+    let raw = decompress(stored, loc.raw_len as usize).map_err(|e| {
+        Error::Corrupt(format!(
+            "chunk {id} in pack {}: cannot decompress: {e}",
+            loc.pack.name()
+        ))
+    })?;
+    if raw.len() != loc.raw_len as usize || ChunkId::of(&raw) != *id {
+        return Err(Error::Corrupt(format!(
+            "chunk {id} in pack {} at offset {}: content does not match its hash",
+            loc.pack.name(),
+            loc.offset
+        )));
+    }
+    Ok(raw)
+}
+
 pub struct StoreLock {
-    _file: File,
+    _guard: crate::backend::LockGuard,
 }
 
 pub fn decompress(stored: &[u8], raw_len: usize) -> std::io::Result<Vec<u8>> {

@@ -478,7 +478,7 @@ fn padded_or_multi_frame_chunks_are_refused() {
         let err = res.expect_err(what).to_string();
         assert!(err.contains("single zstd frame"), "{what}: {err}");
     }
-    let packs: u64 = walkdir(dst.root())
+    let packs: u64 = walkdir(std::path::Path::new(&dst.location()))
         .iter()
         .map(|p| std::fs::metadata(p).unwrap().len())
         .sum();
