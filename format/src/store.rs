@@ -223,9 +223,17 @@ impl Store {
         Ok((loc.raw_len, pack::read_stored(&*self.backend, id, &loc)?))
     }
 
-    /// Reads many chunks (in the backend's fewest requests), decompresses
-    /// them in parallel and checks each one's BLAKE3; in the order asked.
-    pub fn read_chunks(&self, ids: &[ChunkId]) -> Result<Vec<Vec<u8>>> {
+    /// Many chunks as stored (see `read_stored`), read in the backend's
+    /// fewest requests; in the order asked.
+    pub fn read_stored_many(&self, ids: &[ChunkId]) -> Result<Vec<(u32, Vec<u8>)>> {
+        let (locs, bufs) = self.read_entries(ids)?;
+        bufs.into_iter()
+            .zip(ids.iter().zip(&locs))
+            .map(|(buf, (id, loc))| Ok((loc.raw_len, pack::check_entry(buf, id, loc)?)))
+            .collect()
+    }
+
+    fn read_entries(&self, ids: &[ChunkId]) -> Result<(Vec<Location>, Vec<Vec<u8>>)> {
         let mut locs = Vec::with_capacity(ids.len());
         for id in ids {
             locs.push(self.lookup(id).ok_or_else(|| Error::MissingChunk {
@@ -248,6 +256,13 @@ impl Store {
         let bufs = self
             .backend
             .read_ranges(crate::backend::ObjectKind::Pack, &reads)?;
+        Ok((locs, bufs))
+    }
+
+    /// Reads many chunks (in the backend's fewest requests), decompresses
+    /// them in parallel and checks each one's BLAKE3; in the order asked.
+    pub fn read_chunks(&self, ids: &[ChunkId]) -> Result<Vec<Vec<u8>>> {
+        let (locs, bufs) = self.read_entries(ids)?;
         use rayon::prelude::*;
         bufs.into_par_iter()
             .zip(ids.par_iter().zip(locs.par_iter()))

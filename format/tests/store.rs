@@ -235,7 +235,10 @@ fn a_newer_store_version_is_refused_clearly() {
         .unwrap()
         .replace("\"wharf_store\": 1", "\"wharf_store\": 99");
     std::fs::write(&cfg, text).unwrap();
-    let e = Store::open(std::path::Path::new(&store.location())).err().unwrap().to_string();
+    let e = Store::open(std::path::Path::new(&store.location()))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("newer") && e.contains("99"), "{e}");
 }
 

@@ -6,7 +6,7 @@
 //! [`Backend`] interface as a local directory, so `add`, `extract`, `push`,
 //! `pull`, `verify` and `gc` work unchanged on `s3://bucket/prefix`.
 //!
-//! The mapping (spec/FORMAT.md §11 is the reference):
+//! The mapping (spec/FORMAT.md §21 is the reference):
 //! - packs and index files are immutable objects under `packs/` and
 //!   `index/`, uploaded whole (multipart above [`MULTIPART_ABOVE`]); reads are
 //!   ranged GETs, neighbours coalesced, several in flight;
@@ -202,9 +202,11 @@ impl ObjectBackend {
             .join(&key.as_str()[..16])
             .join("index");
         std::fs::create_dir_all(&cache).map_err(Error::Stream)?;
+        let parent = cache.parent().unwrap_or(&root).to_path_buf();
+        remove_old_scratch(&parent);
         let scratch = tempfile::Builder::new()
             .prefix(".scratch-")
-            .tempdir_in(cache.parent().unwrap_or(&root))
+            .tempdir_in(&parent)
             .map_err(Error::Stream)?;
         Ok(ObjectBackend {
             inner,
@@ -299,20 +301,23 @@ impl ObjectBackend {
     }
 
     /// Whether the server refuses a second `If-None-Match: *` write: probed
-    /// once at `init` and recorded in the store.
-    fn conditional(&self) -> bool {
-        *self.conditional.get_or_init(|| {
-            let key = self.key(SERVER_KEY);
-            self.run(async {
-                match self.get_bytes(&key).await {
-                    Ok(b) => serde_json::from_slice::<serde_json::Value>(&b)
-                        .ok()
-                        .and_then(|v| v.get("conditional_put").and_then(|c| c.as_bool()))
-                        .unwrap_or(false),
-                    Err(_) => false,
-                }
-            })
-        })
+    /// once at `init` and recorded in the store. A store without the record
+    /// (made by an older writer) counts as not conditional; a failure to read
+    /// it is an error, not a guess, since writers must agree on the scheme.
+    fn conditional(&self) -> Result<bool> {
+        if let Some(c) = self.conditional.get() {
+            return Ok(*c);
+        }
+        let key = self.key(SERVER_KEY);
+        let c = match self.run(self.get_bytes(&key)) {
+            Ok(b) => serde_json::from_slice::<serde_json::Value>(&b)
+                .ok()
+                .and_then(|v| v.get("conditional_put").and_then(|c| c.as_bool()))
+                .unwrap_or(false),
+            Err(e) if is_not_found(&e) => false,
+            Err(e) => return Err(backend_err(format!("read {key}"), e)),
+        };
+        Ok(*self.conditional.get_or_init(|| c))
     }
 
     async fn probe_conditional(&self) -> std::result::Result<bool, object_store::Error> {
@@ -624,7 +629,7 @@ impl Backend for ObjectBackend {
 
     fn write_ref(&self, name: &str, value: Option<&[u8]>) -> Result<()> {
         let dir = Self::ref_dir(name);
-        let conditional = self.conditional();
+        let conditional = self.conditional()?;
         let body = Bytes::copy_from_slice(value.unwrap_or(&[]));
         let res: std::result::Result<(), object_store::Error> = self.run(async {
             for _ in 0..32 {
@@ -873,6 +878,25 @@ impl Drop for ObjectBackend {
                     format!("{}\n", self.stats.to_json()).as_bytes(),
                 );
             }
+        }
+    }
+}
+
+/// Scratch directories of processes that died (a live writer touches its
+/// own as it writes packs): untouched for a day means abandoned.
+fn remove_old_scratch(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(24 * 3600));
+        if old && e.file_name().to_string_lossy().starts_with(".scratch-") {
+            let _ = std::fs::remove_dir_all(e.path());
         }
     }
 }

@@ -16,7 +16,7 @@ use crate::frame::{bit, decode_chunks, encode_ids, MAX_FRAME};
 use crate::send::{self, DeltaOptions};
 use crate::session::{
     answer_has, answer_has_layers, check_hello, encode_stored, hello, take_reply, Hello,
-    PublishMsg, Receiver, TransferReport, BATCH_IDS, GET_BATCH, IN_FLIGHT,
+    PublishMsg, Receiver, TransferReport, BATCH_IDS, GET_BATCH, IN_FLIGHT, READ_BATCH,
 };
 use crate::{walk, Error, Result, PROTOCOL_VERSION};
 use axum::body::Bytes;
@@ -392,17 +392,17 @@ async fn h_get(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiError> 
     blocking(&s, move |store| {
         let ids = crate::frame::decode_ids(&body).map_err(api)?;
         let mut buf = Vec::new();
-        for id in &ids {
+        for batch in ids.chunks(READ_BATCH) {
             if buf.len() >= GET_REPLY_BYTES {
                 break;
             }
-            if !store.contains(id) {
+            if let Some(id) = batch.iter().find(|id| !store.contains(id)) {
                 return Err(ApiError(
                     StatusCode::NOT_FOUND,
                     format!("chunk {id} is not here"),
                 ));
             }
-            encode_stored(store, id, &mut buf).map_err(api)?;
+            encode_stored(store, batch, &mut buf).map_err(api)?;
         }
         Ok(buf)
     })

@@ -5,7 +5,7 @@
 use crate::frame::{encode_chunk, Kind, WireChunk};
 use crate::session::{TransferReport, DELTAS_FAILED};
 use crate::walk::{self, HasOracle};
-use crate::Result;
+use crate::{Error, Result};
 use rayon::prelude::*;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -322,13 +322,25 @@ pub fn encode_units(
         Some(p) => p.runs(ids),
         None => (0..ids.len()).map(|i| i..i + 1).collect(),
     };
-    let per_run: Vec<Result<Vec<Unit>>> = runs
-        .par_iter()
+    // All of them in one batch: on an object store, one round of coalesced
+    // ranged reads instead of a request per chunk.
+    let mut all: Vec<Option<(u32, Vec<u8>)>> =
+        store.read_stored_many(ids)?.into_iter().map(Some).collect();
+    let work: Vec<(std::ops::Range<usize>, Vec<(u32, Vec<u8>)>)> = runs
+        .into_iter()
         .map(|r| {
+            let stored = all[r.clone()].iter_mut().filter_map(Option::take).collect();
+            (r, stored)
+        })
+        .collect();
+    let per_run: Vec<Result<Vec<Unit>>> = work
+        .into_par_iter()
+        .map(|(r, stored)| {
             let slice = &ids[r.clone()];
-            let mut stored = Vec::with_capacity(slice.len());
-            for id in slice {
-                stored.push(store.read_stored(id)?);
+            if stored.len() != slice.len() {
+                return Err(Error::Protocol(
+                    "delta planner returned overlapping runs".into(),
+                ));
             }
             let plain = |stored: Vec<(u32, Vec<u8>)>| -> Vec<Unit> {
                 slice

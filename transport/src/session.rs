@@ -419,19 +419,25 @@ pub(crate) fn answer_has_layers(complete: &HashSet<ChunkId>, payload: &[u8]) -> 
     Ok(bitmap(ids.iter().map(|i| complete.contains(i))))
 }
 
-/// Appends chunk `id`, as stored, to a PUT or CHUNKS payload; returns the
-/// bytes of compressed chunk data it added.
-pub(crate) fn encode_stored(store: &Store, id: &ChunkId, buf: &mut Vec<u8>) -> Result<u64> {
-    let (raw_len, stored) = store.read_stored(id)?;
-    let n = stored.len() as u64;
-    encode_chunk(
-        buf,
-        &WireChunk {
-            id: *id,
-            raw_len,
-            stored,
-        },
-    );
+/// Chunks read from the store at once when answering GET: on an object
+/// store, one round of coalesced ranged reads.
+pub(crate) const READ_BATCH: usize = 64;
+
+/// Appends chunks `ids`, as stored, to a CHUNKS payload; returns the bytes
+/// of compressed chunk data it added.
+pub(crate) fn encode_stored(store: &Store, ids: &[ChunkId], buf: &mut Vec<u8>) -> Result<u64> {
+    let mut n = 0;
+    for (id, (raw_len, stored)) in ids.iter().zip(store.read_stored_many(ids)?) {
+        n += stored.len() as u64;
+        encode_chunk(
+            buf,
+            &WireChunk {
+                id: *id,
+                raw_len,
+                stored,
+            },
+        );
+    }
     Ok(n)
 }
 
@@ -514,8 +520,8 @@ fn serve_loop(
             Kind::Get => {
                 let ids = decode_ids(&f.payload)?;
                 let mut buf = Vec::new();
-                for id in ids {
-                    encode_stored(store, &id, &mut buf)?;
+                for batch in ids.chunks(READ_BATCH) {
+                    encode_stored(store, batch, &mut buf)?;
                     if buf.len() >= FRAME_BYTES {
                         write_frame(output, Kind::Chunks, &buf)?;
                         buf.clear();

@@ -825,7 +825,8 @@ fn rot_chunk(s: &Store, id: &ChunkId) {
         }
         None
     }
-    let path = find(&std::path::PathBuf::from(s.location()).join("packs"), &want).expect("the chunk's pack file");
+    let path = find(&std::path::PathBuf::from(s.location()).join("packs"), &want)
+        .expect("the chunk's pack file");
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
     let mut bytes = std::fs::read(&path).unwrap();
