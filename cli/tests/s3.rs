@@ -82,7 +82,11 @@ fn write_image(path: &Path, version: Version, scale: Scale, seed: u64) -> Vec<u8
 
 fn assert_same_file(a: &Path, want: &[u8]) {
     let got = std::fs::read(a).expect("read extracted tar");
-    assert!(got == want, "{} differs from the tar that was added", a.display());
+    assert!(
+        got == want,
+        "{} differs from the tar that was added",
+        a.display()
+    );
 }
 
 #[test]
@@ -171,7 +175,10 @@ fn s3_store_end_to_end() {
             .output()
             .expect("run"),
     );
-    assert!(young["packs_too_young"].as_u64().unwrap_or(0) > 0, "{young}");
+    assert!(
+        young["packs_too_young"].as_u64().unwrap_or(0) > 0,
+        "{young}"
+    );
     assert_eq!(young["bytes_freed"].as_u64(), Some(0), "{young}");
     let dry = json(
         e.wharf(&url)
@@ -249,7 +256,12 @@ fn s3_push_survives_losing_a_node() {
         .output()
         .expect("run"));
     assert_same_file(&e.path("big.out"), &big);
-    let ver = json(e.wharf(&url).args(["--json", "verify"]).output().expect("run"));
+    let ver = json(
+        e.wharf(&url)
+            .args(["--json", "verify"])
+            .output()
+            .expect("run"),
+    );
     assert_eq!(ver["errors"].as_array().map(|a| a.len()), Some(0), "{ver}");
 }
 

@@ -309,6 +309,9 @@ pub enum Unit {
     Delta(DeltaChunk, u64),
 }
 
+/// A chunk as stored: its uncompressed length and compressed bytes.
+type Stored = (u32, Vec<u8>);
+
 /// Encodes `ids` in order, in parallel: runs of neighbouring chunks as one
 /// delta, others each as a delta or as stored, whichever is smaller.
 /// Objects may refer back to the chunks in `sent`.
@@ -326,7 +329,7 @@ pub fn encode_units(
     // ranged reads instead of a request per chunk.
     let mut all: Vec<Option<(u32, Vec<u8>)>> =
         store.read_stored_many(ids)?.into_iter().map(Some).collect();
-    let work: Vec<(std::ops::Range<usize>, Vec<(u32, Vec<u8>)>)> = runs
+    let work: Vec<(std::ops::Range<usize>, Vec<Stored>)> = runs
         .into_iter()
         .map(|r| {
             let stored = all[r.clone()].iter_mut().filter_map(Option::take).collect();
