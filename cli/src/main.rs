@@ -562,6 +562,14 @@ fn run(cli: Cli) -> Result<()> {
                     rep.packs_rewritten,
                     rep.live_chunks
                 );
+                if dry_run {
+                    for p in &rep.deleted {
+                        out!("would delete pack {p}");
+                    }
+                    for p in &rep.rewritten {
+                        out!("would rewrite pack {p} (its live chunks move to a new pack)");
+                    }
+                }
                 if rep.packs_too_young > 0 {
                     out!(
                         "{} pack(s) younger than the grace period ({}s) left alone (see --grace)",

@@ -194,6 +194,12 @@ fn s3_store_end_to_end() {
             .expect("run"),
     );
     assert_eq!(done["bytes_freed"], dry["bytes_freed"], "{done}");
+    // The dry run named exactly the packs gc then deleted or rewrote.
+    assert_eq!(done["deleted"], dry["deleted"], "{done}");
+    assert_eq!(done["rewritten"], dry["rewritten"], "{done}");
+    let named = dry["deleted"].as_array().map_or(0, |a| a.len())
+        + dry["rewritten"].as_array().map_or(0, |a| a.len());
+    assert!(named > 0, "{dry}");
     ok(e.wharf(&url)
         .args(["extract", "app:v2", "-o"])
         .arg(e.path("v2.after-gc"))

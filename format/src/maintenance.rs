@@ -211,6 +211,10 @@ pub struct GcReport {
     pub temp_files_removed: usize,
     /// Packs left alone because they are younger than the grace period.
     pub packs_too_young: usize,
+    /// Names of the packs deleted (or, on a dry run, that would be) and of
+    /// those whose live chunks are copied into new packs first.
+    pub deleted: Vec<String>,
+    pub rewritten: Vec<String>,
     pub grace_secs: u64,
 }
 
@@ -325,6 +329,12 @@ pub fn gc_with_grace(
     }
     rep.packs_deleted = drop_packs.len() + orphans.len();
     rep.packs_rewritten = rewrite.len();
+    rep.deleted = drop_packs
+        .iter()
+        .map(|p| p.name())
+        .chain(orphans.iter().cloned())
+        .collect();
+    rep.rewritten = rewrite.iter().map(|(p, _)| p.name()).collect();
     // Leftovers of interrupted writers. Safe to delete: gc holds the
     // exclusive lock, so no writer is running.
     let tmp_files = backend.leftovers();

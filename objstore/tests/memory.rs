@@ -43,6 +43,11 @@ fn grace() {
 }
 
 #[test]
+fn large_objects() {
+    suite::large_objects(&factory());
+}
+
+#[test]
 fn concurrent_writers() {
     suite::concurrent_writers(&factory());
 }
