@@ -82,6 +82,10 @@ pub trait Backend: Send + Sync {
     fn read_batch_hint(&self) -> usize {
         32
     }
+    /// How many such batches a sequential reader keeps in flight.
+    fn read_depth(&self) -> usize {
+        1
+    }
     /// When an object was written, where the backend knows.
     fn modified(&self, _kind: ObjectKind, _name: &str) -> Result<Option<SystemTime>> {
         Ok(None)

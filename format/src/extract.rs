@@ -10,12 +10,13 @@
 use crate::chanread::ChannelReader;
 use crate::error::{Error, IoContext, Result};
 use crate::hash::{sha256_hex, ChunkId};
-use crate::list::{ListReader, StreamRef};
+use crate::list::{Entry, ListReader, StreamRef};
 use crate::recipe::{Node, NodeBody, Recipe};
 use crate::skeleton::{Record, SkeletonReader};
 use crate::store::Store;
 use crossbeam_channel::{bounded, Receiver};
 use sha2::Digest;
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +28,23 @@ pub fn load_node(store: &Store, id: &ChunkId) -> Result<Node> {
 
 pub fn load_recipe(store: &Store, id: &ChunkId) -> Result<Recipe> {
     Recipe::decode(&store.read_chunk(id)?, id)
+}
+
+/// A batch of chunks being read.
+enum Fetch {
+    Done(Result<Vec<Vec<u8>>>),
+    Running(std::thread::JoinHandle<Result<Vec<Vec<u8>>>>),
+}
+
+impl Fetch {
+    fn wait(self) -> Result<Vec<Vec<u8>>> {
+        match self {
+            Fetch::Done(r) => r,
+            Fetch::Running(h) => h
+                .join()
+                .unwrap_or_else(|_| Err(Error::Corrupt("chunk reader thread panicked".into()))),
+        }
+    }
 }
 
 /// Reads the chunks of a stream in order; a background thread fetches and
@@ -43,25 +61,48 @@ impl ChunkStreamReader {
         let batch_len = store.backend().read_batch_hint().max(1);
         let (tx, rx) = bounded::<Result<Vec<u8>>>(batch_len * 2);
         let remaining = stream.len;
+        // Batches fetched at once: more than one where each read is a
+        // round trip, so the next batches are on their way while one is
+        // being decoded and consumed.
+        let depth = store.backend().read_depth().max(1);
         std::thread::spawn(move || {
             let reader_store = store.clone();
             let mut list = ListReader::new(&stream, move |id| reader_store.read_chunk(id));
+            let mut pending: VecDeque<(Vec<Entry>, Fetch)> = VecDeque::new();
+            let mut failed = None;
+            let mut listed_all = false;
             loop {
-                let mut batch = Vec::with_capacity(batch_len);
-                let mut failed = None;
-                while batch.len() < batch_len {
-                    match list.next_entry() {
-                        Ok(Some(e)) => batch.push(e),
-                        Ok(None) => break,
-                        Err(e) => {
-                            failed = Some(e);
-                            break;
+                while !listed_all && failed.is_none() && pending.len() < depth {
+                    let mut batch = Vec::with_capacity(batch_len);
+                    while batch.len() < batch_len {
+                        match list.next_entry() {
+                            Ok(Some(e)) => batch.push(e),
+                            Ok(None) => {
+                                listed_all = true;
+                                break;
+                            }
+                            Err(e) => {
+                                failed = Some(e);
+                                break;
+                            }
                         }
                     }
+                    if batch.is_empty() {
+                        break;
+                    }
+                    let ids: Vec<ChunkId> = batch.iter().map(|e| e.0).collect();
+                    let fetch = if depth == 1 {
+                        Fetch::Done(store.read_chunks(&ids))
+                    } else {
+                        let st = store.clone();
+                        Fetch::Running(std::thread::spawn(move || st.read_chunks(&ids)))
+                    };
+                    pending.push_back((batch, fetch));
                 }
-                let done = batch.len() < batch_len;
-                let ids: Vec<ChunkId> = batch.iter().map(|e| e.0).collect();
-                let decoded: Vec<Result<Vec<u8>>> = match store.read_chunks(&ids) {
+                let Some((batch, fetch)) = pending.pop_front() else {
+                    break;
+                };
+                let decoded: Vec<Result<Vec<u8>>> = match fetch.wait() {
                     Ok(bufs) => bufs
                         .into_iter()
                         .zip(&batch)
@@ -80,17 +121,14 @@ impl ChunkStreamReader {
                     Err(e) => vec![Err(e)],
                 };
                 for d in decoded {
-                    if tx.send(d).is_err() {
+                    let stop = d.is_err();
+                    if tx.send(d).is_err() || stop {
                         return;
                     }
                 }
-                if let Some(e) = failed {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-                if done {
-                    return;
-                }
+            }
+            if let Some(e) = failed {
+                let _ = tx.send(Err(e));
             }
         });
         ChunkStreamReader {

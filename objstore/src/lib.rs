@@ -26,10 +26,10 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjPath;
 use object_store::{
-    ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
-    WriteMultipart,
+    ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
+    PutPayload, RetryConfig, WriteMultipart,
 };
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -54,6 +54,17 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(60 * 60);
 const CONFIG_KEY: &str = "config.json";
 /// What this crate learned about the server at `init` (conditional writes).
 const SERVER_KEY: &str = "objstore.json";
+
+/// Bytes read around a small read, and how many such windows are kept:
+/// 16 MiB of memory at most.
+const WINDOW: u64 = 1 << 20;
+const WINDOWS_CACHED: usize = 16;
+
+struct Window {
+    key: ObjPath,
+    start: u64,
+    data: Bytes,
+}
 
 /// Counts of what went over the wire, for reports and benchmarks.
 #[derive(Default, Debug)]
@@ -100,6 +111,8 @@ pub struct ObjectBackend {
     conditional: OnceLock<bool>,
     /// Last-modified times of packs, from the latest listing.
     pack_times: Mutex<HashMap<String, SystemTime>>,
+    /// Recently read pack windows, newest first (see `read_through_window`).
+    windows: Mutex<VecDeque<Window>>,
     stats: Arc<Stats>,
 }
 
@@ -217,6 +230,7 @@ impl ObjectBackend {
             cache,
             conditional: OnceLock::new(),
             pack_times: Mutex::new(HashMap::new()),
+            windows: Mutex::new(VecDeque::new()),
             stats: Arc::new(Stats::default()),
         })
     }
@@ -335,6 +349,56 @@ impl ObjectBackend {
         }
     }
 
+    /// Small single reads (recipes, nodes, list pieces: what walking an
+    /// image's tree reads, one after another) go through a cache of pack
+    /// windows around them, since a writer puts an image's metadata near
+    /// each other and every request costs a round trip (tens of ms).
+    fn read_through_window(&self, key: &ObjPath, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let end = offset + buf.len() as u64;
+        if let Ok(mut ws) = self.windows.lock() {
+            if let Some(i) = ws.iter().position(|w| {
+                w.key == *key && w.start <= offset && end <= w.start + w.data.len() as u64
+            }) {
+                let w = ws.remove(i).expect("index from position");
+                let from = (offset - w.start) as usize;
+                buf.copy_from_slice(&w.data[from..from + buf.len()]);
+                ws.push_front(w);
+                return Ok(());
+            }
+        }
+        let start = offset.saturating_sub(WINDOW / 2);
+        // A range past the object's end comes back cut at the end.
+        let opts = GetOptions {
+            range: Some(GetRange::Bounded(start..start + WINDOW)),
+            ..Default::default()
+        };
+        let data = self
+            .run(async {
+                Stats::add(&self.stats.gets, 1);
+                self.inner.get_opts(key, opts).await?.bytes().await
+            })
+            .map_err(|e| backend_err(format!("read {key} at {offset}"), e))?;
+        Stats::add(&self.stats.bytes_down, data.len() as u64);
+        if start + (data.len() as u64) < end {
+            return Err(Error::Corrupt(format!(
+                "{key}: asked for {} bytes at {offset}, the object ends at {}",
+                buf.len(),
+                start + data.len() as u64
+            )));
+        }
+        let from = (offset - start) as usize;
+        buf.copy_from_slice(&data[from..from + buf.len()]);
+        if let Ok(mut ws) = self.windows.lock() {
+            ws.push_front(Window {
+                key: key.clone(),
+                start,
+                data,
+            });
+            ws.truncate(WINDOWS_CACHED);
+        }
+        Ok(())
+    }
+
     fn ref_dir(name: &str) -> String {
         format!("refs/{}/", hex::encode(name.as_bytes()))
     }
@@ -436,6 +500,9 @@ impl Backend for ObjectBackend {
     fn read_at(&self, kind: ObjectKind, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
         let key = self.object_key(kind, name);
         let len = buf.len() as u64;
+        if kind == ObjectKind::Pack && len <= WINDOW / 4 {
+            return self.read_through_window(&key, offset, buf);
+        }
         let b = self
             .run(async {
                 Stats::add(&self.stats.gets, 1);
@@ -509,6 +576,10 @@ impl Backend for ObjectBackend {
 
     fn read_batch_hint(&self) -> usize {
         256
+    }
+
+    fn read_depth(&self) -> usize {
+        4
     }
 
     fn size(&self, kind: ObjectKind, name: &str) -> Result<u64> {

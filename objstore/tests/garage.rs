@@ -39,13 +39,14 @@ fn store_suite_on_garage() {
     };
     // Each part on a prefix of its own: they share one cluster.
     let nonce = format!("{:08x}", rand::random::<u32>());
-    let parts: [(&str, Part); 6] = [
+    let parts: [(&str, Part); 7] = [
         ("round-trip", suite::round_trip),
         ("names", suite::names),
         ("locks", suite::locks),
         ("grace", suite::grace),
         ("concurrent-writers", suite::concurrent_writers),
         ("large-objects", suite::large_objects),
+        ("corruption", suite::corruption),
     ];
     for (name, part) in parts {
         let prefix = format!("{nonce}/{name}");

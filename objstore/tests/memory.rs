@@ -43,6 +43,11 @@ fn grace() {
 }
 
 #[test]
+fn corruption() {
+    suite::corruption(&factory());
+}
+
+#[test]
 fn large_objects() {
     suite::large_objects(&factory());
 }

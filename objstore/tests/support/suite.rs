@@ -239,3 +239,38 @@ pub fn large_objects(open: &dyn Fn() -> Arc<dyn Backend>) {
         .expect("deleting twice is fine");
     assert_eq!(reader.list(ObjectKind::Pack).expect("list"), ["bb-small"]);
 }
+
+/// A pack damaged in the bucket: extract stops with an error naming the
+/// chunk instead of writing wrong bytes, and verify --full reports it.
+pub fn corruption(open: &dyn Fn() -> Arc<dyn Backend>) {
+    let store = Arc::new(Store::init_backend(open(), config()).expect("init"));
+    let tar = image(Layout::Legacy, Version::V1, 11);
+    add(&store, &tar, "img");
+    let b = open();
+    let mut packs = b.list(ObjectKind::Pack).expect("list");
+    packs.sort();
+    // The largest pack holds file contents.
+    let name = packs
+        .iter()
+        .max_by_key(|n| b.size(ObjectKind::Pack, n).unwrap_or(0))
+        .expect("a pack")
+        .clone();
+    let size = b.size(ObjectKind::Pack, &name).expect("size") as usize;
+    let mut bytes = vec![0u8; size];
+    b.read_at(ObjectKind::Pack, &name, 0, &mut bytes)
+        .expect("read pack");
+    bytes[size / 2] ^= 0x40;
+    let src = b.scratch_dir().join("damaged");
+    std::fs::write(&src, &bytes).expect("write");
+    b.put_file(ObjectKind::Pack, &name, &src)
+        .expect("replace pack");
+    let fresh = Arc::new(Store::open_backend(open()).expect("open"));
+    let err = extract_to_vec(&fresh, "img").expect_err("a damaged chunk must stop extract");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("does not match") || msg.contains("decompress") || msg.contains("header"),
+        "{msg}"
+    );
+    let rep = maintenance::verify(&fresh, true).expect("verify runs");
+    assert!(!rep.errors.is_empty(), "verify --full must see the damage");
+}
