@@ -206,12 +206,22 @@ fn print_plan(plan: &wharf_transport::walk::Plan, json: bool) -> Result<()> {
         out!("{}", serde_json::to_string_pretty(plan)?);
         return Ok(());
     }
-    out!(
-        "{}: would send {} of a {} image (dry run: nothing was sent)",
-        plan.name,
-        HumanBytes(plan.total_missing_bytes),
-        HumanBytes(plan.image_bytes)
-    );
+    if plan.uncompressed {
+        out!(
+            "{}: would fetch at most {} of a {} image (uncompressed sizes; dry run: only the \
+             image's index objects were fetched, no name changed)",
+            plan.name,
+            HumanBytes(plan.total_missing_bytes),
+            HumanBytes(plan.image_bytes)
+        );
+    } else {
+        out!(
+            "{}: would send {} of a {} image (dry run: nothing was sent)",
+            plan.name,
+            HumanBytes(plan.total_missing_bytes),
+            HumanBytes(plan.image_bytes)
+        );
+    }
     for l in &plan.layers {
         let what = if l.whole_layer_present {
             "the receiver has this layer".to_string()
@@ -273,6 +283,22 @@ pub fn push_dry_run(
         with_stream_client(dest, "push", |c| c.plan_push(store, name, deltas))?
             .with_context(|| format!("dry run of push {name} to {dest}"))?
     };
+    print_plan(&plan, json)
+}
+
+pub fn pull_dry_run(
+    store: &Arc<Store>,
+    src: &str,
+    name: &str,
+    token_file: Option<&Path>,
+    json: bool,
+) -> Result<()> {
+    let plan = if is_http(src) {
+        http_client(src, token_file)?.plan_pull(store, name)
+    } else {
+        with_stream_client(src, "pull", |c| c.plan_pull(store, name))?
+    }
+    .with_context(|| format!("dry run of pull {name} from {src}"))?;
     print_plan(&plan, json)
 }
 

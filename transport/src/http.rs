@@ -852,6 +852,45 @@ impl HttpClient {
         progress: &(dyn Fn(&TransferReport) + Sync),
     ) -> Result<TransferReport> {
         let started = std::time::Instant::now();
+        let (r, mut rep, mut receiver, _, _lock) =
+            self.fetch_tree(store, name, as_name, deltas, false, progress)?;
+        receiver.publish(&PublishMsg {
+            name: as_name.to_string(),
+            recipe: r.recipe,
+            len: r.len,
+        })?;
+        (rep.wire_bytes_out, rep.wire_bytes_in) = self.wire_bytes();
+        rep.seconds = started.elapsed().as_secs_f64();
+        progress(&rep);
+        Ok(rep)
+    }
+
+    /// What pulling `name` would fetch; see [`Client::plan_pull`](crate::session::Client::plan_pull).
+    pub fn plan_pull(&self, store: &Arc<Store>, name: &str) -> Result<walk::Plan> {
+        let (r, _, mut receiver, fetched, _lock) =
+            self.fetch_tree(store, name, name, DeltaOptions::none(), true, &|_| {})?;
+        receiver.flush()?;
+        walk::plan_pull(store, name, &r, &fetched)
+    }
+
+    /// Fetches what the store lacks of `name`'s tree (with `objects_only`,
+    /// just what walking it needs); see the stream client's.
+    #[allow(clippy::type_complexity)]
+    fn fetch_tree(
+        &self,
+        store: &Arc<Store>,
+        name: &str,
+        as_name: &str,
+        deltas: DeltaOptions,
+        objects_only: bool,
+        progress: &(dyn Fn(&TransferReport) + Sync),
+    ) -> Result<(
+        RefValue,
+        TransferReport,
+        Receiver,
+        HashSet<ChunkId>,
+        wharf_format::store::StoreLock,
+    )> {
         let r: RefValue =
             serde_json::from_slice(&self.request(&format!("/v1/ref/{}", encode_path(name)), None)?)
                 .map_err(|e| Error::Protocol(format!("bad REF: {e}")))?;
@@ -860,7 +899,7 @@ impl HttpClient {
             image_bytes: r.len,
             ..Default::default()
         };
-        let _lock = store.lock(false)?;
+        let lock = store.lock(false)?;
         let bases = if deltas.enabled && self.server.speaks_deltas() {
             let mut c = send::candidate_bases(store, name, &r.recipe)?;
             c.truncate(crate::session::MAX_DELTA_BASES);
@@ -883,11 +922,19 @@ impl HttpClient {
         // Walk down the tree: whatever is missing is fetched (objects needed
         // to walk further first), until nothing is missing. A reply may hold
         // only part of a batch; every round must bring at least one chunk.
+        let mut fetched: HashSet<ChunkId> = HashSet::new();
         loop {
             lock_receiver()?.flush()?;
-            let missing = walk::missing(store, &r.recipe)?;
+            let missing = if objects_only {
+                walk::missing_objects(store, &r.recipe)?
+            } else {
+                walk::missing(store, &r.recipe)?
+            };
             if missing.is_empty() {
                 break;
+            }
+            if objects_only {
+                fetched.extend(missing.iter().copied());
             }
             let before = got_chunks.load(Ordering::Relaxed);
             let batches: Vec<&[ChunkId]> = missing.chunks(GET_BATCH).collect();
@@ -950,22 +997,14 @@ impl HttpClient {
                 return Err(Error::Protocol("the server sent no chunks".into()));
             }
         }
-        receiver
+        let receiver = receiver
             .into_inner()
-            .map_err(|_| Error::Protocol("receiver lock poisoned".into()))?
-            .publish(&PublishMsg {
-                name: as_name.to_string(),
-                recipe: r.recipe,
-                len: r.len,
-            })?;
+            .map_err(|_| Error::Protocol("receiver lock poisoned".into()))?;
         rep.chunks_sent = got_chunks.load(Ordering::Relaxed);
         rep.payload_bytes = got_bytes.load(Ordering::Relaxed);
         rep.delta_chunks = got_deltas.load(Ordering::Relaxed);
         rep.delta_bytes = got_delta_bytes.load(Ordering::Relaxed);
-        (rep.wire_bytes_out, rep.wire_bytes_in) = self.wire_bytes();
-        rep.seconds = started.elapsed().as_secs_f64();
-        progress(&rep);
-        Ok(rep)
+        Ok((r, rep, receiver, fetched, lock))
     }
 }
 

@@ -40,6 +40,16 @@ impl Default for DeltaOptions {
     }
 }
 
+impl DeltaOptions {
+    /// Chunks go whole.
+    pub fn none() -> Self {
+        DeltaOptions {
+            enabled: false,
+            ..Default::default()
+        }
+    }
+}
+
 fn repo_of(name: &str) -> &str {
     match name.rfind(':') {
         Some(i) if !name[i..].contains('/') => &name[..i],

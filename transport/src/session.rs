@@ -797,6 +797,53 @@ impl<R: Read, W: Write> Client<R, W> {
         progress: &dyn Fn(&TransferReport),
     ) -> Result<TransferReport> {
         let started = std::time::Instant::now();
+        let (r, mut rep, mut receiver, _, _lock) =
+            self.fetch_tree(store, name, as_name, deltas, false, progress)?;
+        receiver.publish(&PublishMsg {
+            name: as_name.to_string(),
+            recipe: r.recipe,
+            len: r.len,
+        })?;
+        self.send(Kind::Bye, &[])?;
+        rep.wire_bytes_out = self.output.count;
+        rep.wire_bytes_in = self.input.count;
+        rep.seconds = started.elapsed().as_secs_f64();
+        progress(&rep);
+        Ok(rep)
+    }
+
+    /// What pulling `name` would fetch: the image's objects (recipe, nodes,
+    /// lists: a fraction of a percent of it) are fetched to find out, and
+    /// kept, so the pull that follows does not fetch them again; no name
+    /// changes, and gc removes them if no pull follows.
+    pub fn plan_pull(&mut self, store: &Arc<Store>, name: &str) -> Result<walk::Plan> {
+        let (r, _, mut receiver, fetched, _lock) =
+            self.fetch_tree(store, name, name, DeltaOptions::none(), true, &|_| {})?;
+        receiver.flush()?;
+        self.send(Kind::Bye, &[])?;
+        walk::plan_pull(store, name, &r, &fetched)
+    }
+
+    /// Fetches what the store lacks of `name`'s tree, level by level: with
+    /// `objects_only`, just what walking it needs. Returns the ref, the
+    /// report so far, the receiver (to publish through), the ids fetched and
+    /// the store lock, held until the caller is done.
+    #[allow(clippy::type_complexity)]
+    fn fetch_tree(
+        &mut self,
+        store: &Arc<Store>,
+        name: &str,
+        as_name: &str,
+        deltas: DeltaOptions,
+        objects_only: bool,
+        progress: &dyn Fn(&TransferReport),
+    ) -> Result<(
+        RefValue,
+        TransferReport,
+        Receiver,
+        HashSet<ChunkId>,
+        wharf_format::store::StoreLock,
+    )> {
         self.send(Kind::GetRef, name.as_bytes())?;
         let r: RefValue = serde_json::from_slice(&expect(&mut self.input, Kind::Ref)?)
             .map_err(|e| Error::Protocol(format!("bad REF: {e}")))?;
@@ -805,7 +852,7 @@ impl<R: Read, W: Write> Client<R, W> {
             image_bytes: r.len,
             ..Default::default()
         };
-        let _lock = store.lock(false)?;
+        let lock = store.lock(false)?;
         let mut receiver = Receiver::new(store.clone());
         // Offer the server this store's images as bases; it answers which
         // it holds too and will make deltas against.
@@ -823,11 +870,19 @@ impl<R: Read, W: Write> Client<R, W> {
         // Walk down the tree: whatever is missing is fetched (objects needed
         // to walk further first), until nothing is missing.
         let mut rounds = 0usize;
+        let mut fetched: HashSet<ChunkId> = HashSet::new();
         loop {
             receiver.flush()?;
-            let missing = walk::missing(store, &r.recipe)?;
+            let missing = if objects_only {
+                walk::missing_objects(store, &r.recipe)?
+            } else {
+                walk::missing(store, &r.recipe)?
+            };
             if missing.is_empty() {
                 break;
+            }
+            if objects_only {
+                fetched.extend(missing.iter().copied());
             }
             rounds += 1;
             if rounds > MAX_PULL_ROUNDS {
@@ -864,16 +919,6 @@ impl<R: Read, W: Write> Client<R, W> {
                 progress(&rep);
             }
         }
-        receiver.publish(&PublishMsg {
-            name: as_name.to_string(),
-            recipe: r.recipe,
-            len: r.len,
-        })?;
-        self.send(Kind::Bye, &[])?;
-        rep.wire_bytes_out = self.output.count;
-        rep.wire_bytes_in = self.input.count;
-        rep.seconds = started.elapsed().as_secs_f64();
-        progress(&rep);
-        Ok(rep)
+        Ok((r, rep, receiver, fetched, lock))
     }
 }

@@ -117,13 +117,23 @@ pub fn complete_layers(store: &Store) -> Result<HashSet<ChunkId>> {
 /// walk the tree (recipe, nodes, list pieces) that are missing are reported
 /// and their subtree cannot be walked: the caller fetches them and asks again.
 pub fn missing(store: &Store, recipe: &ChunkId) -> Result<Vec<ChunkId>> {
-    let mut all = missing_with_repeats(store, recipe)?;
+    let mut all = missing_with_repeats(store, recipe, true)?;
     let mut seen = HashSet::new();
     all.retain(|id| seen.insert(*id));
     Ok(all)
 }
 
-fn missing_with_repeats(store: &Store, recipe: &ChunkId) -> Result<Vec<ChunkId>> {
+/// Like [`missing`], but only the objects needed to walk the tree (recipe,
+/// nodes, block maps, list pieces), not the content they describe: what a
+/// pull's dry run fetches to tell what the pull would.
+pub fn missing_objects(store: &Store, recipe: &ChunkId) -> Result<Vec<ChunkId>> {
+    let mut all = missing_with_repeats(store, recipe, false)?;
+    let mut seen = HashSet::new();
+    all.retain(|id| seen.insert(*id));
+    Ok(all)
+}
+
+fn missing_with_repeats(store: &Store, recipe: &ChunkId, leaves: bool) -> Result<Vec<ChunkId>> {
     if !store.contains(recipe) {
         return Ok(vec![*recipe]);
     }
@@ -148,13 +158,18 @@ fn missing_with_repeats(store: &Store, recipe: &ChunkId) -> Result<Vec<ChunkId>>
         let (children, streams) = node_parts(&node);
         nodes.extend(children);
         for s in streams {
-            missing_in_stream(store, &s, &mut out)?;
+            missing_in_stream(store, &s, leaves, &mut out)?;
         }
     }
     Ok(out)
 }
 
-fn missing_in_stream(store: &Store, s: &StreamRef, out: &mut Vec<ChunkId>) -> Result<()> {
+fn missing_in_stream(
+    store: &Store,
+    s: &StreamRef,
+    leaves: bool,
+    out: &mut Vec<ChunkId>,
+) -> Result<()> {
     // Walk level by level so a missing piece is reported instead of failing.
     // Each level keeps every id once: a hostile tree that repeats one piece
     // thousands of times at every level costs one visit, not their product.
@@ -163,7 +178,9 @@ fn missing_in_stream(store: &Store, s: &StreamRef, out: &mut Vec<ChunkId>) -> Re
         let mut seen = HashSet::new();
         level.retain(|id| seen.insert(*id));
         if depth == 0 {
-            out.extend(level.iter().filter(|id| !store.contains(id)).copied());
+            if leaves {
+                out.extend(level.iter().filter(|id| !store.contains(id)).copied());
+            }
             break;
         }
         let mut next = Vec::new();
@@ -240,6 +257,9 @@ pub struct Plan {
     pub delta_bytes: u64,
     /// Images the receiver holds that deltas would be made against.
     pub delta_bases: Vec<String>,
+    /// Byte figures are uncompressed lengths (a pull's dry run: the client
+    /// does not know how the server stores what it lacks): an upper bound.
+    pub uncompressed: bool,
 }
 
 /// Answers which of some ids the receiver holds; with `true`, as complete
@@ -385,6 +405,88 @@ pub fn plan_push(
     if planner.is_none() {
         plan.delta_bases.clear();
     }
+    Ok(plan)
+}
+
+/// What pulling an image would fetch, from a store that holds the image's
+/// objects (a pull's dry run fetched those, `fetched`) but maybe not its
+/// content. Content is counted uncompressed, the only size a list gives:
+/// as the server stores it, it is smaller.
+pub fn plan_pull(
+    store: &Store,
+    name: &str,
+    r: &wharf_format::store::RefValue,
+    fetched: &HashSet<ChunkId>,
+) -> Result<Plan> {
+    let rec = load_recipe(store, &r.recipe)?;
+    let complete = complete_layers(store)?;
+    let missing = |id: &ChunkId| fetched.contains(id) || !store.contains(id);
+    // An object fetched for the dry run costs what it did; content its
+    // uncompressed length.
+    let cost = |id: &ChunkId, raw: u32| -> u64 {
+        if fetched.contains(id) {
+            store.lookup(id).map_or(raw as u64, |l| l.stored_len as u64)
+        } else {
+            raw as u64
+        }
+    };
+    let mut plan = Plan {
+        name: name.to_string(),
+        image_bytes: r.len,
+        uncompressed: true,
+        ..Default::default()
+    };
+    let mut counted: HashSet<ChunkId> = HashSet::new();
+    let mut seen_nodes: HashSet<ChunkId> = HashSet::new();
+    for l in &rec.layers {
+        let mut lp = LayerPlan {
+            path: l.path.clone(),
+            len: l.len,
+            whole_layer_present: complete.contains(&l.node),
+            ..Default::default()
+        };
+        if !lp.whole_layer_present {
+            wharf_format::maintenance::walk_node(
+                store,
+                &l.node,
+                &mut seen_nodes,
+                &mut |id, raw| {
+                    if counted.insert(*id) {
+                        lp.chunks += 1;
+                        if missing(id) {
+                            lp.missing_chunks += 1;
+                            lp.missing_bytes += cost(id, raw);
+                        }
+                    }
+                },
+            )?;
+        }
+        plan.total_missing_bytes += lp.missing_bytes;
+        plan.layers.push(lp);
+    }
+    let layer_nodes: HashSet<ChunkId> = rec.layers.iter().map(|l| l.node).collect();
+    let mut rest = Vec::new();
+    wharf_format::maintenance::walk_recipe(store, &r.recipe, &mut |id, raw| {
+        rest.push((*id, raw));
+    })?;
+    // Whole layers the store holds are not walked above; what is under them
+    // is held, so only the chunks outside every layer remain.
+    let mut under_layers: HashSet<ChunkId> = HashSet::new();
+    let mut nodes_seen = HashSet::new();
+    for n in &layer_nodes {
+        if complete.contains(n) {
+            wharf_format::maintenance::walk_node(store, n, &mut nodes_seen, &mut |id, _| {
+                under_layers.insert(*id);
+            })?;
+        }
+    }
+    for (id, raw) in rest {
+        if !under_layers.contains(&id) && counted.insert(id) && missing(&id) {
+            plan.other_missing_chunks += 1;
+            plan.other_missing_bytes += cost(&id, raw);
+        }
+    }
+    plan.total_missing_bytes += plan.other_missing_bytes;
     Ok(plan)
 }
 

@@ -371,3 +371,35 @@ fn a_client_of_another_protocol_version_is_told_so() {
     assert!(HttpClient::connect("https://127.0.0.1:1", None).is_err());
     assert!(HttpClient::connect("ftp://127.0.0.1:1", None).is_err());
 }
+
+/// The HTTP client's pull dry run: held layers, missing bytes bounding the
+/// pull, and no name set.
+#[test]
+fn pull_dry_run_over_http() {
+    let d = tempfile::tempdir().unwrap();
+    let (remote, local) = (store(&d, "remote"), store(&d, "local"));
+    let v1 = image(Layout::Legacy, Version::V1);
+    let v2 = image(Layout::Legacy, Version::V2);
+    add(&remote, "v1", &v1);
+    add(&remote, "v2", &v2);
+    add(&local, "v1", &v1);
+    let url = serve(&remote, tokens(None, None));
+    let plan = client(&url, None).plan_pull(&local, "v2").unwrap();
+    assert!(plan.uncompressed);
+    assert!(local.get_ref("v2").unwrap().is_none());
+    assert!(
+        plan.layers.iter().any(|l| l.whole_layer_present),
+        "{plan:?}"
+    );
+    assert!(plan.total_missing_bytes > 0, "{plan:?}");
+    let rep = client(&url, None)
+        .pull_with(&local, "v2", "v2", DeltaOptions::none(), &|_| {})
+        .unwrap();
+    assert_eq!(extract(&local, "v2"), v2);
+    assert!(
+        rep.payload_bytes <= plan.total_missing_bytes,
+        "{rep:?} {plan:?}"
+    );
+    let err = client(&url, None).plan_pull(&local, "nope").unwrap_err();
+    assert!(err.to_string().contains("nope"), "{err}");
+}

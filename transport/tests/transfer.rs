@@ -620,3 +620,55 @@ fn pull_refuses_chunks_it_did_not_ask_for() {
     assert!(err.to_string().contains("not asked for"), "{err}");
     assert!(local.get_ref("x").unwrap().is_none());
 }
+
+/// A pull's dry run names no image, says which layers are held whole and,
+/// per layer, what is missing; the uncompressed figure bounds what the pull
+/// then fetches without deltas, and the chunk counts agree with it.
+#[test]
+fn pull_dry_run_predicts_the_pull() {
+    let d = tempfile::tempdir().unwrap();
+    let (remote, local) = (store(&d, "remote"), store(&d, "local"));
+    let v1 = image(Layout::Oci, Version::V1);
+    let v2 = image(Layout::Oci, Version::V2);
+    add(&remote, "v1", &v1);
+    add(&remote, "v2", &v2);
+    add(&local, "v1", &v1);
+    let plan = with_session(&remote, "pull", |c| c.plan_pull(&local, "v2").unwrap());
+    assert!(plan.uncompressed);
+    assert!(
+        local.get_ref("v2").unwrap().is_none(),
+        "a dry run names nothing"
+    );
+    assert_eq!(plan.layers.len(), 3);
+    let whole = plan.layers.iter().filter(|l| l.whole_layer_present).count();
+    assert!(whole >= 1, "v1's base layer is here whole: {plan:?}");
+    let changed = plan
+        .layers
+        .iter()
+        .filter(|l| !l.whole_layer_present && l.missing_chunks > 0)
+        .count();
+    assert!(changed >= 1, "{plan:?}");
+    assert!(plan.total_missing_bytes < v2.len() as u64 / 2, "{plan:?}");
+    let missing_chunks: u64 =
+        plan.layers.iter().map(|l| l.missing_chunks).sum::<u64>() + plan.other_missing_chunks;
+    let rep = with_session(&remote, "pull", |c| {
+        c.pull_with(&local, "v2", "v2", DeltaOptions::none(), &|_| {})
+            .unwrap()
+    });
+    assert_eq!(extract(&local, "v2"), v2);
+    assert!(
+        rep.payload_bytes <= plan.total_missing_bytes,
+        "the pull fetched {} where the dry run said at most {}",
+        rep.payload_bytes,
+        plan.total_missing_bytes
+    );
+    // The dry run already fetched the objects; the pull fetches the rest.
+    assert!(
+        rep.chunks_sent > 0 && rep.chunks_sent < missing_chunks,
+        "{rep:?} {missing_chunks}"
+    );
+    // Once everything is here, nothing is missing.
+    let again = with_session(&remote, "pull", |c| c.plan_pull(&local, "v2").unwrap());
+    assert_eq!(again.total_missing_bytes, 0, "{again:?}");
+    assert!(again.layers.iter().all(|l| l.whole_layer_present));
+}
