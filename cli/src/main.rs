@@ -44,7 +44,8 @@ Try `wharf demo` for a self-contained run that needs no Docker."
 struct Cli {
     /// The store: a directory, or s3://bucket/prefix for a bucket on AWS S3 or any
     /// S3-compatible server (credentials, region and endpoint from AWS_ACCESS_KEY_ID,
-    /// AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL). Default: $WHARF_STORE, else
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL, else from the AWS_PROFILE
+    /// profile of ~/.aws/credentials and ~/.aws/config). Default: $WHARF_STORE, else
     /// $XDG_DATA_HOME/wharf, else ~/.local/share/wharf.
     #[arg(long, global = true, env = "WHARF_STORE")]
     store: Option<PathBuf>,

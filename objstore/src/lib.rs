@@ -23,7 +23,7 @@
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as ObjPath;
 use object_store::{
     ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
@@ -92,6 +92,89 @@ impl Stats {
             "bytes_down": g(&self.bytes_down), "bytes_up": g(&self.bytes_up),
         })
     }
+}
+
+/// Settings from the AWS shared files, for what the environment leaves
+/// unset: credentials from `~/.aws/credentials` (or
+/// `$AWS_SHARED_CREDENTIALS_FILE`), region and `endpoint_url` from
+/// `~/.aws/config` (or `$AWS_CONFIG_FILE`), for the profile `$AWS_PROFILE`
+/// (default `default`), as the AWS CLI reads them. A profile named in
+/// `$AWS_PROFILE` that neither file has is an error; missing files are not.
+pub fn profile_settings(
+    env: &dyn Fn(&str) -> Option<String>,
+    home: Option<&Path>,
+) -> Result<Vec<(AmazonS3ConfigKey, String)>> {
+    let named = env("AWS_PROFILE");
+    let profile = named.clone().unwrap_or_else(|| "default".to_string());
+    let file = |var: &str, default: &str| -> Option<PathBuf> {
+        env(var)
+            .map(PathBuf::from)
+            .or_else(|| home.map(|h| h.join(".aws").join(default)))
+    };
+    let load = |path: Option<PathBuf>| -> Result<Option<ini::Ini>> {
+        match path {
+            Some(p) if p.exists() => ini::Ini::load_from_file(&p)
+                .map(Some)
+                .map_err(|e| Error::Invalid(format!("{}: {e}", p.display()))),
+            _ => Ok(None),
+        }
+    };
+    let creds = load(file("AWS_SHARED_CREDENTIALS_FILE", "credentials"))?;
+    let config = load(file("AWS_CONFIG_FILE", "config"))?;
+    let cred_section = creds
+        .as_ref()
+        .and_then(|c| c.section(Some(profile.as_str())));
+    // In the config file every profile but the default is `[profile NAME]`.
+    let config_section = config.as_ref().and_then(|c| {
+        c.section(Some(format!("profile {profile}")))
+            .or_else(|| c.section(Some(profile.as_str())))
+    });
+    if named.is_some() && cred_section.is_none() && config_section.is_none() {
+        return Err(Error::Invalid(format!(
+            "AWS_PROFILE={profile}: no such profile in ~/.aws/credentials or ~/.aws/config"
+        )));
+    }
+    let mut out = Vec::new();
+    let mut take =
+        |section: Option<&ini::Properties>, key: &str, var: &[&str], k: AmazonS3ConfigKey| {
+            if var.iter().any(|v| env(v).is_some()) {
+                return;
+            }
+            if let Some(v) = section.and_then(|s| s.get(key)) {
+                out.push((k, v.trim().to_string()));
+            }
+        };
+    take(
+        cred_section,
+        "aws_access_key_id",
+        &["AWS_ACCESS_KEY_ID"],
+        AmazonS3ConfigKey::AccessKeyId,
+    );
+    take(
+        cred_section,
+        "aws_secret_access_key",
+        &["AWS_SECRET_ACCESS_KEY"],
+        AmazonS3ConfigKey::SecretAccessKey,
+    );
+    take(
+        cred_section,
+        "aws_session_token",
+        &["AWS_SESSION_TOKEN"],
+        AmazonS3ConfigKey::Token,
+    );
+    take(
+        config_section,
+        "region",
+        &["AWS_REGION", "AWS_DEFAULT_REGION"],
+        AmazonS3ConfigKey::Region,
+    );
+    take(
+        config_section,
+        "endpoint_url",
+        &["AWS_ENDPOINT_URL", "AWS_ENDPOINT"],
+        AmazonS3ConfigKey::Endpoint,
+    );
+    Ok(out)
 }
 
 /// True for the locations this crate opens.
@@ -163,15 +246,23 @@ impl ObjectBackend {
         // to be told, once per process. A second install is refused harmlessly.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
-        let endpoint = std::env::var("AWS_ENDPOINT_URL")
-            .or_else(|_| std::env::var("AWS_ENDPOINT"))
-            .ok();
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let profile = profile_settings(&env, home.as_deref())?;
+        let mut endpoint = env("AWS_ENDPOINT_URL").or_else(|| env("AWS_ENDPOINT"));
+        let mut region_set = env("AWS_REGION").is_some() || env("AWS_DEFAULT_REGION").is_some();
+        for (key, value) in profile {
+            match key {
+                AmazonS3ConfigKey::Endpoint => endpoint = Some(value.clone()),
+                AmazonS3ConfigKey::Region => region_set = true,
+                _ => {}
+            }
+            b = b.with_config(key, value);
+        }
         let allow_http = endpoint
             .as_deref()
             .is_some_and(|e| e.starts_with("http://"));
-        if std::env::var_os("AWS_REGION").is_none()
-            && std::env::var_os("AWS_DEFAULT_REGION").is_none()
-        {
+        if !region_set {
             b = b.with_region("us-east-1");
         }
         let b = b
@@ -1067,5 +1158,72 @@ impl Drop for HeldLock {
         let rt = self.rt.clone();
         let _ =
             std::thread::spawn(move || rt.block_on(async move { inner.delete(&key).await })).join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(dir: &Path) {
+        std::fs::create_dir_all(dir.join(".aws")).expect("mkdir");
+        std::fs::write(
+            dir.join(".aws/credentials"),
+            "[default]\naws_access_key_id = AKDEFAULT\naws_secret_access_key = sdefault\n\n\
+             [team]\naws_access_key_id=AKTEAM\naws_secret_access_key=steam\naws_session_token=tok\n",
+        )
+        .expect("write");
+        std::fs::write(
+            dir.join(".aws/config"),
+            "[default]\nregion = eu-west-1\n\n[profile team]\nregion = garage\n\
+             endpoint_url = http://127.0.0.1:3900\n",
+        )
+        .expect("write");
+    }
+
+    fn get(v: &[(AmazonS3ConfigKey, String)], k: AmazonS3ConfigKey) -> Option<&str> {
+        v.iter().find(|(key, _)| *key == k).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn profiles_fill_in_what_the_environment_leaves_unset() {
+        let d = tempfile::tempdir().expect("tempdir");
+        files(d.path());
+        let none = |_: &str| None;
+        let v = profile_settings(&none, Some(d.path())).expect("default profile");
+        assert_eq!(get(&v, AmazonS3ConfigKey::AccessKeyId), Some("AKDEFAULT"));
+        assert_eq!(get(&v, AmazonS3ConfigKey::Region), Some("eu-west-1"));
+        assert_eq!(get(&v, AmazonS3ConfigKey::Endpoint), None);
+
+        let team = |k: &str| (k == "AWS_PROFILE").then(|| "team".to_string());
+        let v = profile_settings(&team, Some(d.path())).expect("team profile");
+        assert_eq!(get(&v, AmazonS3ConfigKey::AccessKeyId), Some("AKTEAM"));
+        assert_eq!(get(&v, AmazonS3ConfigKey::Token), Some("tok"));
+        assert_eq!(get(&v, AmazonS3ConfigKey::Region), Some("garage"));
+        assert_eq!(
+            get(&v, AmazonS3ConfigKey::Endpoint),
+            Some("http://127.0.0.1:3900")
+        );
+
+        // The environment wins over the files.
+        let env = |k: &str| match k {
+            "AWS_PROFILE" => Some("team".to_string()),
+            "AWS_ACCESS_KEY_ID" => Some("AKENV".to_string()),
+            "AWS_REGION" => Some("us-west-2".to_string()),
+            _ => None,
+        };
+        let v = profile_settings(&env, Some(d.path())).expect("team profile");
+        assert_eq!(get(&v, AmazonS3ConfigKey::AccessKeyId), None);
+        assert_eq!(get(&v, AmazonS3ConfigKey::Region), None);
+        assert_eq!(get(&v, AmazonS3ConfigKey::SecretAccessKey), Some("steam"));
+
+        let missing = |k: &str| (k == "AWS_PROFILE").then(|| "nope".to_string());
+        let err = profile_settings(&missing, Some(d.path())).expect_err("unknown profile");
+        assert!(err.to_string().contains("nope"), "{err}");
+        // No files at all: nothing to add, no error.
+        let empty = tempfile::tempdir().expect("tempdir");
+        assert!(profile_settings(&none, Some(empty.path()))
+            .expect("ok")
+            .is_empty());
     }
 }
