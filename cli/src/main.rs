@@ -358,6 +358,10 @@ fn run(cli: Cli) -> Result<()> {
             };
             match object_backend(&store_path)? {
                 Some(b) => {
+                    let config = StoreConfig {
+                        pack_target: wharf_objstore::DEFAULT_PACK_TARGET,
+                        ..config
+                    };
                     Store::init_backend(b, config)?;
                 }
                 None => {

@@ -82,6 +82,11 @@ pub trait Backend: Send + Sync {
     fn read_batch_hint(&self) -> usize {
         32
     }
+    /// Finished packs a writer may have uploading while it fills the next
+    /// (0: publish in line, where publishing is a rename).
+    fn upload_depth(&self) -> usize {
+        0
+    }
     /// How many such batches a sequential reader keeps in flight.
     fn read_depth(&self) -> usize {
         1

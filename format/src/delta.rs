@@ -22,7 +22,7 @@ use crate::list::{Entry, ListReader, StreamRef};
 use crate::recipe::{Node, NodeBody};
 use crate::skeleton::put_varint;
 use crate::store::{Store, MAX_CHUNK_LEN};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use zstd::zstd_safe::{CCtx, CParameter, DCtx, DParameter};
 
@@ -634,6 +634,7 @@ impl BaseResolver {
                 end += 1;
             }
             let window = &deltas[start..end];
+            self.prefetch(window);
             let mut out: Vec<Option<Result<Rebuilt>>> = window
                 .par_iter()
                 .map(|d| (!uses_sent(d)).then(|| self.apply(d, &empty)))
@@ -662,6 +663,87 @@ impl BaseResolver {
             start = end;
         }
         Ok(())
+    }
+
+    /// Reads the base chunks of `deltas` not yet cached in one batch: on an
+    /// object store a few coalesced requests instead of one per chunk. Best
+    /// effort: what fails here is read (and its failure reported) by
+    /// `apply`; no more than half the cache is filled.
+    fn prefetch(&self, deltas: &[WireDelta]) {
+        let mut want: Vec<ChunkId> = Vec::new();
+        let mut seen: HashSet<ChunkId> = HashSet::new();
+        let mut bytes = 0u64;
+        let cached = |id: &ChunkId| {
+            self.chunks
+                .lock()
+                .map(|c| c.map.contains_key(id))
+                .unwrap_or(false)
+        };
+        let mut take = |id: ChunkId, len: u64| -> bool {
+            if bytes + len > (CHUNK_CACHE_BYTES / 2) as u64 {
+                return false;
+            }
+            if seen.insert(id) && !cached(&id) && self.store.contains(&id) {
+                bytes += len;
+                want.push(id);
+            }
+            true
+        };
+        'all: for d in deltas {
+            for b in &d.bases {
+                match b {
+                    BaseRef::Chunk(id) => {
+                        let len = self.store.lookup(id).map_or(0, |l| l.raw_len as u64);
+                        if !take(*id, len) {
+                            break 'all;
+                        }
+                    }
+                    BaseRef::Range {
+                        node,
+                        stream,
+                        off,
+                        len,
+                    } => {
+                        let Ok(s) = self.stream(node, *stream) else {
+                            continue;
+                        };
+                        let end = off.saturating_add(*len);
+                        let mut i = s.starts.partition_point(|&x| x <= *off).saturating_sub(1);
+                        while i < s.entries.len() && s.starts[i] < end {
+                            if !take(s.entries[i].0, s.entries[i].1 as u64) {
+                                break 'all;
+                            }
+                            i += 1;
+                        }
+                    }
+                    BaseRef::Sent { .. } => {}
+                }
+            }
+        }
+        if want.len() < 2 {
+            return;
+        }
+        let Ok(bufs) = self.store.read_chunks(&want) else {
+            return;
+        };
+        if let Ok(mut c) = self.chunks.lock() {
+            for (id, b) in want.into_iter().zip(bufs) {
+                if c.map.insert(id, Arc::new(b)).is_none() {
+                    c.order.push_back(id);
+                    if let Some(x) = c.map.get(&id) {
+                        c.bytes += x.len();
+                    }
+                }
+            }
+            while c.bytes > CHUNK_CACHE_BYTES {
+                let Some(old) = c.order.pop_front() else {
+                    break;
+                };
+                if let Some(x) = c.map.remove(&old) {
+                    c.bytes -= x.len();
+                }
+            }
+        }
     }
 
     /// Rebuilds the chunks a delta carries and checks each against its

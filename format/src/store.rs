@@ -9,7 +9,7 @@ use crate::pack::{self, IndexFile, Location, PackWriter};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -728,42 +728,82 @@ fn write_packs(
 ) -> Result<()> {
     let backend = store.backend.clone();
     let mut pack: Option<PackWriter> = None;
-    let publish = |p: PackWriter| -> Result<()> {
-        let ids: Vec<ChunkId> = p.entries().iter().map(|e| e.id).collect();
-        let (_, idx) = p.finish(&*backend)?;
-        store.add_index(&idx)?;
-        // Only now may these leave the pending set: they are findable in the index.
-        if let Ok(mut set) = pending.lock() {
-            for id in ids {
-                set.remove(&id);
+    let publish = {
+        let store = store.clone();
+        let pending = pending.clone();
+        move |p: PackWriter| -> Result<()> {
+            let ids: Vec<ChunkId> = p.entries().iter().map(|e| e.id).collect();
+            let (_, idx) = p.finish(&*store.backend)?;
+            store.add_index(&idx)?;
+            // Only now may these leave the pending set: they are findable in the index.
+            if let Ok(mut set) = pending.lock() {
+                for id in ids {
+                    set.remove(&id);
+                }
             }
+            Ok(())
         }
-        Ok(())
     };
-    for msg in rx {
-        let ToWriter::Chunk(id, raw_len, z) = msg;
-        if pack.is_none() {
-            pack = Some(PackWriter::create(backend.scratch_dir())?);
-        }
-        if let Some(p) = pack.as_mut() {
-            p.append(id, raw_len, &z)?;
-            stats.bytes_stored.fetch_add(
-                z.len() as u64 + pack::PACK_ENTRY_HEADER_LEN,
-                Ordering::Relaxed,
-            );
-            if p.len() >= pack_target {
-                if let Some(full) = pack.take() {
-                    publish(full)?;
+    // Where publishing a pack is an upload, it runs beside the writing of
+    // the next one (at most `depth` at once) instead of stalling it.
+    let depth = backend.upload_depth();
+    let mut uploads: VecDeque<JoinHandle<Result<()>>> = VecDeque::new();
+    let wait = |h: JoinHandle<Result<()>>| -> Result<()> {
+        h.join()
+            .unwrap_or_else(|_| Err(Error::Corrupt("pack upload thread panicked".into())))
+    };
+    let hand_off =
+        |full: PackWriter, uploads: &mut VecDeque<JoinHandle<Result<()>>>| -> Result<()> {
+            if depth == 0 {
+                return publish(full);
+            }
+            while uploads.len() >= depth {
+                if let Some(h) = uploads.pop_front() {
+                    wait(h)?;
+                }
+            }
+            let publish = publish.clone();
+            uploads.push_back(std::thread::spawn(move || publish(full)));
+            Ok(())
+        };
+    let written: Result<()> = (|| {
+        for msg in rx {
+            let ToWriter::Chunk(id, raw_len, z) = msg;
+            if pack.is_none() {
+                pack = Some(PackWriter::create(backend.scratch_dir())?);
+            }
+            if let Some(p) = pack.as_mut() {
+                p.append(id, raw_len, &z)?;
+                stats.bytes_stored.fetch_add(
+                    z.len() as u64 + pack::PACK_ENTRY_HEADER_LEN,
+                    Ordering::Relaxed,
+                );
+                if p.len() >= pack_target {
+                    if let Some(full) = pack.take() {
+                        hand_off(full, &mut uploads)?;
+                    }
                 }
             }
         }
-    }
-    if let Some(p) = pack.take() {
-        if !p.is_empty() {
-            publish(p)?;
-        } else {
-            p.abandon();
+        if let Some(p) = pack.take() {
+            if !p.is_empty() {
+                hand_off(p, &mut uploads)?;
+            } else {
+                p.abandon();
+            }
+        }
+        Ok(())
+    })();
+    // Every upload is waited for, even after a failure: none may outlive
+    // the writer, whose caller then reports the chunks stored.
+    let mut first_err = written.err();
+    for h in uploads {
+        if let Err(e) = wait(h) {
+            first_err.get_or_insert(e);
         }
     }
-    Ok(())
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }

@@ -39,6 +39,10 @@ use std::time::{Duration, SystemTime};
 use wharf_format::backend::{Backend, LockGuard, ObjectKind, RangeRead};
 use wharf_format::{Error, Result};
 
+/// Pack size for stores made in a bucket: smaller than a directory's 256 MiB
+/// so that a writer's uploads start early and overlap its work (two packs
+/// in flight), still few requests per GB (16 packs, 64 parts).
+pub const DEFAULT_PACK_TARGET: u64 = 64 << 20;
 /// Packs larger than this go up as multipart uploads, in parts of this size.
 pub const MULTIPART_ABOVE: u64 = 32 << 20;
 const PART_SIZE: usize = 16 << 20;
@@ -671,6 +675,10 @@ impl Backend for ObjectBackend {
 
     fn read_depth(&self) -> usize {
         4
+    }
+
+    fn upload_depth(&self) -> usize {
+        2
     }
 
     fn size(&self, kind: ObjectKind, name: &str) -> Result<u64> {
