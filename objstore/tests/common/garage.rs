@@ -253,6 +253,22 @@ impl GarageCluster {
         .collect()
     }
 
+    /// A second access key that may only read the bucket: (key id, secret).
+    pub fn read_only_key(&self) -> Result<(String, String), String> {
+        let t = Duration::from_secs(10);
+        let name = format!("wharf-ro-{}", self.cli_runs.get());
+        let created = self.cli(0, &["key", "create", &name], t)?;
+        let (id, secret) = parse_key(&created).ok_or_else(|| {
+            format!("no key ID and secret in `garage key create` output:\n{created}")
+        })?;
+        self.cli(
+            0,
+            &["bucket", "allow", "--read", &self.bucket, "--key", &id],
+            t,
+        )?;
+        Ok((id, secret))
+    }
+
     /// Kills node `i` (SIGKILL) and reaps it; a no-op if it is already gone.
     pub fn kill_node(&mut self, i: usize) {
         assert!(i < NODES, "garage node {i} does not exist (0..{NODES})");
