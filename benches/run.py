@@ -3,10 +3,13 @@
 and compares it with the tools a user could use instead.
 
     python3 benches/run.py [--tier small|large] [--corpus DIR] [--out benches/RESULTS.md]
-                           [--only wharf|peers|all] [--scenarios a,b] [--formats a,b] [--quick] [--no-transfer]
+                           [--only wharf|peers|garage|all] [--scenarios a,b] [--formats a,b] [--quick]
+                           [--no-transfer] [--no-garage] [--garage BIN]
 
 It writes benches/RESULTS.md, benches/bytes.png and benches/results.json (raw
-figures), all regenerated wholesale on every run. See benches/README.md.
+figures), all regenerated wholesale on every run (--only garage: RESULTS-garage.md
+and results-garage.json instead). See benches/README.md. The object-store figures
+start Garage clusters with benches/garage.py.
 
 Python 3.11, standard library only. External tools (zstd, b3sum, openssl, gzip,
 xdelta3, rsync, casync, borg, restic, gnuplot) are installed with apt-get when
@@ -69,12 +72,13 @@ class Failed(Exception):
 
 # ---------------------------------------------------------------- measuring
 
-def measure(cmd, stdout=None, stdin=None, env=None, cwd=None, check=True):
+def measure(cmd, stdout=None, stdin=None, env=None, cwd=None, check=True, timeout=None):
     """Run cmd; return wall seconds, CPU seconds and peak RSS (KB) of it and its children.
 
     stdout: None (discarded to /dev/null), a path (written there), or "capture"
     (returned as text in "out"). Peak RSS is ru_maxrss from wait4(), the largest
-    resident set of the process and the children it waited for."""
+    resident set of the process and the children it waited for. timeout: seconds
+    after which the process is killed (SIGKILL, by its pid) and the run fails."""
     cmd = [str(c) for c in cmd]
     full_env = dict(os.environ)
     if env:
@@ -91,7 +95,14 @@ def measure(cmd, stdout=None, stdin=None, env=None, cwd=None, check=True):
             t = time.perf_counter()
             p = subprocess.Popen(cmd, stdin=inf, stdout=outf if outf else capf, stderr=errf,
                                  env=full_env, cwd=cwd)
-            _, status, ru = os.wait4(p.pid, 0)
+            killer = threading.Timer(timeout, p.kill) if timeout else None
+            if killer:
+                killer.start()
+            try:
+                _, status, ru = os.wait4(p.pid, 0)
+            finally:
+                if killer:
+                    killer.cancel()
             secs = time.perf_counter() - t
             p.returncode = os.waitstatus_to_exitcode(status)
         except FileNotFoundError as e:
@@ -108,7 +119,8 @@ def measure(cmd, stdout=None, stdin=None, env=None, cwd=None, check=True):
     r = {"cmd": q(cmd), "rc": p.returncode, "secs": secs, "cpu": ru.ru_utime + ru.ru_stime,
          "rss_kb": ru.ru_maxrss, "err": err[-2000:], "out": out}
     if check and p.returncode != 0:
-        raise Failed(f"`{q(cmd)}` exited {p.returncode}: {err.strip()[-600:]}")
+        why = f" (killed after {timeout} s)" if timeout and secs >= timeout else ""
+        raise Failed(f"`{q(cmd)}` exited {p.returncode}{why}: {err.strip()[-600:]}")
     return r
 
 
@@ -658,6 +670,239 @@ def bench_gzip_throughput(wh, tools, img, work):
     return {"image": img["file"], "size": size, "plain": plain_total, "rows": rows}
 
 
+# ---------------------------------------------------------------- object store (Garage)
+
+GARAGE_BUCKET = "wharf"
+GARAGE_TIMEOUT = 900          # seconds any one wharf command on the bucket may take before it is killed
+S3_KEYS = ("gets", "puts", "lists", "heads", "deletes", "requests", "bytes_down", "bytes_up")
+
+
+def garage_binary(arg):
+    """The garage binary: --garage, else $WHARF_GARAGE_BIN, else `garage` on PATH, else the CI cache."""
+    sys.path.insert(0, HERE)
+    from garage import GarageCluster  # benches/garage.py
+    return arg or GarageCluster.binary()
+
+
+def read_s3_stats(path):
+    """Sum of the JSON lines wharf processes appended to $WHARF_S3_STATS (one per process that opened
+    the bucket); "processes" = how many lines."""
+    tot = {k: 0 for k in S3_KEYS}
+    n = 0
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                d = json.loads(line)
+                n += 1
+                for k in S3_KEYS:
+                    tot[k] += int(d.get(k, 0))
+    tot["processes"] = n
+    return tot
+
+
+def bench_garage(wh, pairs, formats, scenarios, work, gbin, nodelta_formats):
+    """wharf with its store in a bucket of fresh 3-node Garage clusters, per pair (see README)."""
+    sys.path.insert(0, HERE)
+    from garage import GarageCluster, GarageError
+    res = {"bin": gbin, "nodes": 3, "bucket": GARAGE_BUCKET, "pairs": [], "nodelta_formats": nodelta_formats,
+           "version": GarageCluster(gbin, work).version()}
+    for fmt in formats:
+        scen = [s for s in scenarios if (fmt, s) in pairs]
+        if not scen:
+            continue
+        v1 = pairs[(fmt, scen[0])][0]
+        # Local stores every pair of the format starts from, made (and timed) once: L1 = v1 added, R1 = an
+        # empty store into which L1 pushed v1 (the local directory receiver beside the bucket).
+        l1, r1 = os.path.join(work, f"g-{fmt}-L1"), os.path.join(work, f"g-{fmt}-R1")
+        wh.init(l1)
+        a1 = wh.add(l1, v1["path"], "v1")
+        local = {"add_v1": {"secs": a1["secs"], "cpu": a1["cpu"], "rss_kb": a1["rss_kb"],
+                            "stored_bytes": a1["report"]["stored_bytes"]}}
+        wh.init(r1)
+        pr = wh.push(l1, "v1", r1)
+        local["push_v1"] = {"secs": pr["secs"], "cpu": pr["cpu"], "rss_kb": pr["rss_kb"]} | {
+            k: pr["report"].get(k) for k in PUSH_KEYS}
+        for i, s in enumerate(scen):
+            if pairs[(fmt, s)][0]["file"] != v1["file"]:
+                log(f"garage {fmt}/{s}: v1 differs from {v1['file']}: skipped")
+                continue
+            v2 = pairs[(fmt, s)][1]
+            p = {"format": fmt, "scenario": s, "v1": v1["file"], "v2": v2["file"], "v1_size": v1["size"],
+                 "v2_size": v2["size"], "local_add_v1": local["add_v1"], "local_push_v1": local["push_v1"],
+                 "cluster_start_secs": []}
+            clusters = []
+
+            def fresh_cluster(p=p, clusters=clusters):
+                """Stops the pair's previous cluster (which removes its data) and starts a fresh one."""
+                for c in clusters:
+                    c.stop()
+                clusters[:] = [GarageCluster(gbin, os.path.join(work, "garage"), GARAGE_BUCKET)]
+                clusters[0].start()
+                p["cluster_start_secs"].append(round(clusters[0].start_secs, 2))
+                return clusters[0]
+            try:
+                bench_garage_pair(wh, fresh_cluster, p, v1, v2, l1, r1, work, fmt in nodelta_formats,
+                                  warm=(i == 0))
+            except (Failed, GarageError, ValueError, KeyError, OSError) as e:
+                p["error"] = str(e)[:3000] if isinstance(e, (Failed, GarageError)) else f"{type(e).__name__}: {e}"
+                log(f"garage {fmt}/{s}: FAILED: {p['error'][:600]}")
+            finally:
+                for c in clusters:
+                    c.stop()
+                for d in os.listdir(work):
+                    if d.startswith("g-") and d not in (os.path.basename(l1), os.path.basename(r1)):
+                        rm(os.path.join(work, d))
+            res["pairs"].append(p)
+        rm(l1)
+        rm(r1)
+    return res
+
+
+def bench_garage_pair(wh, fresh_cluster, p, v1, v2, l1, r1, work, nodeltas, warm):
+    """The figures of one pair (README: Object store (Garage)). Each bucket store lives on a cluster of its
+    own, started fresh by fresh_cluster() (Garage deduplicates the blocks of identical objects, which would
+    make a second copy of the same packs cheaper). nodeltas: also push and pull with --no-deltas, besides
+    wharf's default (deltas); warm: also extract a second time with the cache of the first."""
+    tag = f"{p['format']}-{p['scenario']}-{os.getpid():x}{int(time.time()) & 0xffff:04x}"
+    cache_root = fresh_dir(os.path.join(work, "g-caches"))
+    stats = os.path.join(work, "g-stats.jsonl")
+    out = os.path.join(work, "g-out.tar")
+    exe = wh.exe
+    name = f"{p['format']}/{p['scenario']}"
+    cl = {}
+
+    def url(kind):
+        return f"s3://{GARAGE_BUCKET}/{tag}/{kind}"
+
+    def run(cmd, role, json_out=False, stdout=None):
+        """One wharf command with the cluster's credentials, a fresh $WHARF_S3_STATS file and the cache of
+        `role` (one directory per machine-role: a fresh one simulates a fresh machine). Also counts the
+        requests Garage's node 0 (the endpoint) logged meanwhile, and the nodes' CPU time."""
+        c = cl["c"]
+        rm(stats)
+        env = dict(c.env(), WHARF_S3_STATS=stats, WHARF_CACHE=os.path.join(cache_root, role))
+        g0, off = c.cpu_secs(), c.log_offset()
+        r = measure(cmd, env=env, stdout="capture" if json_out else stdout, timeout=GARAGE_TIMEOUT)
+        r["garage_cpu"] = c.cpu_secs() - g0
+        r["s3"] = read_s3_stats(stats)
+        time.sleep(0.05)  # the node's last log line
+        r["server"] = c.requests_since(off)
+        if json_out:
+            r["report"] = json.loads(r.pop("out"))
+        return r
+
+    def fig(r, **extra):
+        f = {"secs": r["secs"], "cpu": r["cpu"], "rss_kb": r["rss_kb"]}
+        if "s3" in r:
+            f |= {"garage_cpu": round(r["garage_cpu"], 2), "s3": r["s3"], "server": r.get("server")}
+        return f | extra
+
+    def xfer_fig(r):
+        return fig(r, **{k: r["report"].get(k) for k in PUSH_KEYS})
+
+    def wq(store, *args):
+        return [exe, "--quiet", "--store", store, *args]
+
+    def identical(path):
+        ok = sha256_file(path) == v2["sha256"]
+        rm(path)
+        return ok
+
+    def copy(src, dst):
+        rm(dst)
+        shutil.copytree(src, dst)
+        return dst
+
+    variants = [("deltas", [])] + ([("no_deltas", ["--no-deltas"])] if nodeltas else [])
+    p["variants"] = [k for k, _ in variants]
+
+    # the local sender: v1 and v2 (the add of v2 timed: the local figure beside the bucket's)
+    l12 = copy(l1, os.path.join(work, "g-L12"))
+    a = wh.add(l12, v2["path"], "v2")
+    p["local_add_v2"] = fig(a, stored_bytes=a["report"]["stored_bytes"], new_bytes=a["report"]["new_bytes"])
+
+    # 1. add v1 then v2 straight into the bucket (one machine, one cache); a cluster of its own
+    u = url("add")
+    log(f"garage {name}: fresh cluster; add v1, add v2 into {u}")
+    cl["c"] = fresh_cluster()
+    p["add_init"] = fig(run(wq(u, "init"), "adder"))
+    for v, tar in (("v1", v1), ("v2", v2)):
+        r = run(wq(u, "add", tar["path"], "--name", v, "--json"), "adder", True)
+        p[f"add_{v}"] = fig(r, stored_bytes=r["report"]["stored_bytes"], new_bytes=r["report"]["new_bytes"])
+    log(f"  add v1 {p['add_v1']['secs']:.1f} s ({p['add_v1']['s3']['requests']} requests), "
+        f"add v2 {p['add_v2']['secs']:.1f} s ({p['add_v2']['s3']['requests']} requests)")
+
+    # 5 and 2. a bucket store per push variant ("the registry"), each on a fresh cluster: init, v1 pushed into
+    # it from L1 (all-new data), then v2 from L12; every push from a fresh machine (fresh cache). Beside each,
+    # the same push of v2 into a copy of R1 (a local directory store holding v1). The deltas one stays up for
+    # steps 3 and 4, so it goes last.
+    p["push_v1"], p["push_v2"], p["local_push_v2"] = {}, {}, {}
+    rdirs = {}
+    for key, extra in reversed(variants):
+        u = url(f"registry-{key}")
+        log(f"garage {name}: fresh cluster; push v1 (all new), then push v2"
+            f"{' ' + ' '.join(extra) if extra else ''} into {u}")
+        cl["c"] = fresh_cluster()
+        p.setdefault("reg_init", fig(run(wq(u, "init"), f"init-{key}")))
+        p["push_v1"][key] = xfer_fig(run(wq(l1, "push", "v1", u, "--json"), f"push-v1-{key}", True))
+        p["push_v2"][key] = xfer_fig(run(wq(l12, "push", "v2", u, "--json", *extra), f"push-v2-{key}", True))
+        rdirs[key] = copy(r1, os.path.join(work, f"g-R-{key}"))
+        p["local_push_v2"][key] = xfer_fig(wh.push(l12, "v2", rdirs[key], extra))
+        log(f"  push v1 {p['push_v1'][key]['secs']:.1f} s ({p['push_v1'][key]['s3']['requests']} requests); "
+            f"push v2 {p['push_v2'][key]['secs']:.1f} s ({p['push_v2'][key]['s3']['requests']} requests), "
+            f"local {p['local_push_v2'][key]['secs']:.1f} s")
+    c = cl["c"]
+    reg = f"{tag}/registry-deltas/"
+    objs = c.list_objects(reg)
+    kinds = {}
+    for key, size in objs:
+        k = key[len(reg):].split("/")[0]
+        kinds.setdefault(k, {"count": 0, "bytes": 0})
+        kinds[k]["count"] += 1
+        kinds[k]["bytes"] += size
+    p["registry_objects"] = {"count": len(objs), "bytes": sum(sz for _, sz in objs), "by_kind": kinds,
+                             "local_store_bytes": tree_bytes(rdirs["deltas"])}
+
+    # 3. pull v2 from the bucket store (v1 pushed, v2 pushed with deltas) into a copy of L1, fresh cache
+    # (a fresh machine), then rebuild it there and compare; the same from the local directory store
+    p["pull_v2"], p["local_pull_v2"] = {}, {}
+    lp = os.path.join(work, "g-P")
+    for key, extra in variants:
+        log(f"garage {name}: pull v2{' ' + ' '.join(extra) if extra else ''} from the bucket, and from a local store")
+        copy(l1, lp)
+        p["pull_v2"][key] = xfer_fig(run(wq(lp, "pull", url("registry-deltas"), "v2", "--json", *extra),
+                                         f"puller-{key}", True))
+        wh.extract(lp, "v2", out)
+        p["pull_v2"][key]["identical"] = identical(out)
+        copy(l1, lp)
+        r = measure(wq(lp, "pull", rdirs["deltas"], "v2", "--json", *extra), stdout="capture")
+        r["report"] = json.loads(r.pop("out"))
+        p["local_pull_v2"][key] = xfer_fig(r)
+        log(f"  pull {p['pull_v2'][key]['secs']:.1f} s ({p['pull_v2'][key]['s3']['requests']} requests, "
+            f"{p['pull_v2'][key]['s3']['bytes_down'] / 1e6:.1f} MB down), local {p['local_pull_v2'][key]['secs']:.1f} s")
+        rm(lp)
+
+    # 4. extract v2 from the bucket store with a fresh cache (and once more with it warm); the local one beside.
+    # `-o -`: the cold one's stdout is a file, compared with corpus.json; the others go to /dev/null.
+    u = url("registry-deltas")
+    log(f"garage {name}: extract v2 from {u}")
+    p["extract_v2"] = fig(run(wq(u, "extract", "v2", "-o", "-"), "extractor", stdout=out))
+    p["extract_v2"]["identical"] = identical(out)
+    if warm:
+        p["extract_v2_warm"] = fig(run(wq(u, "extract", "v2", "-o", "-"), "extractor"))
+    p["local_extract_v2"] = fig(wh.extract(l12, "v2", "-"))
+    log(f"  extract {p['extract_v2']['secs']:.1f} s ({p['extract_v2']['s3']['requests']} requests, "
+        f"{p['extract_v2']['s3']['bytes_down'] / 1e6:.1f} MB down)"
+        + (f", warm cache {p['extract_v2_warm']['secs']:.1f} s ({p['extract_v2_warm']['s3']['requests']} requests)"
+           if warm else "") + f"; local {p['local_extract_v2']['secs']:.1f} s")
+    p["garage_data_bytes"] = c.data_bytes()
+    for d in [l12, cache_root, stats] + list(rdirs.values()):
+        rm(d)
+
+
 def bench_chunks(wh, pairs, fmt, scenarios, work, reps):
     out = []
     scen = [s for s in scenarios if (fmt, s) in pairs]
@@ -1185,6 +1430,8 @@ def report(R, out_md, png):
               f"{mb(gt['size'])} MB image.")
             a("")
 
+    garage_section(R, a)
+
     extrapolation_section(R, a)
 
     # chunk study
@@ -1219,28 +1466,29 @@ def report(R, out_md, png):
     a("## Exact commands")
     a("")
     a(f"V1 / V2 are the corpus tars of a pair, OUT the rebuilt tar, `wharf` the copied release binary "
-      f"(`{R['wharf']['path']}`). Per-pair figures:")
-    a("")
-    a("```")
-    a("wharf --quiet --store S init")
-    a("wharf --quiet --store S add V1 --name v1 --json")
-    a("wharf --quiet --store S add V2 --name v2 --json          # timed: ingest s, peak RSS")
-    a("wharf --quiet --store S extract v2 -o OUT                # timed: rebuild s; then sha256(OUT) vs corpus.json")
-    if any(p.get("transfer") for p in R.get("pairs", [])):
-        a("# transfer: R1 = an empty store into which the sender pushed v1, copied afresh for each receiver")
-        a("wharf --quiet --store R1 init; wharf --quiet --store S1 push v1 R1 --json     # S1 = the store holding v1 only")
-        a("wharf --quiet --store S push v2 R --json                 # timed; bytes = wire_bytes_out + wire_bytes_in")
-        a("wharf --quiet --store S push v2 R --json --no-deltas     # timed; same")
-        a("wharf --quiet --store S bundle v2 --have v1 -o F --json  # timed; bytes = size of F")
-        a("wharf --quiet --store R unbundle F --json                # timed")
-        a("wharf --quiet --store R extract v2 -o OUT                # on each receiver: rebuild s; sha256(OUT) vs corpus.json")
-    seen = set()
-    for p in R.get("peers", []):
-        for r in p["rows"]:
-            if r["tool"] not in seen:
-                seen.add(r["tool"])
-                a(f"{r['tool']}: {r['cmd']}")
-    a("```")
+      f"(`{R['wharf']['path']}`)." + (" Per-pair figures:" if R.get("pairs") or R.get("peers") else ""))
+    if R.get("pairs") or R.get("peers"):
+        a("")
+        a("```")
+        a("wharf --quiet --store S init")
+        a("wharf --quiet --store S add V1 --name v1 --json")
+        a("wharf --quiet --store S add V2 --name v2 --json          # timed: ingest s, peak RSS")
+        a("wharf --quiet --store S extract v2 -o OUT                # timed: rebuild s; then sha256(OUT) vs corpus.json")
+        if any(p.get("transfer") for p in R.get("pairs", [])):
+            a("# transfer: R1 = an empty store into which the sender pushed v1, copied afresh for each receiver")
+            a("wharf --quiet --store R1 init; wharf --quiet --store S1 push v1 R1 --json     # S1 = the store holding v1 only")
+            a("wharf --quiet --store S push v2 R --json                 # timed; bytes = wire_bytes_out + wire_bytes_in")
+            a("wharf --quiet --store S push v2 R --json --no-deltas     # timed; same")
+            a("wharf --quiet --store S bundle v2 --have v1 -o F --json  # timed; bytes = size of F")
+            a("wharf --quiet --store R unbundle F --json                # timed")
+            a("wharf --quiet --store R extract v2 -o OUT                # on each receiver: rebuild s; sha256(OUT) vs corpus.json")
+        seen = set()
+        for p in R.get("peers", []):
+            for r in p["rows"]:
+                if r["tool"] not in seen:
+                    seen.add(r["tool"])
+                    a(f"{r['tool']}: {r['cmd']}")
+        a("```")
     if tp:
         a("")
         a("Throughput figures (last run of each):")
@@ -1260,6 +1508,29 @@ def report(R, out_md, png):
     if ch:
         a("")
         a("Chunk study: `wharf --quiet --store S init --avg-chunk-kib N`, then the adds as above.")
+    if (R.get("garage") or {}).get("pairs"):
+        a("")
+        a("Object store (Garage), per pair; B = `s3://wharf/PAIR`, each store under it (`B/add`, "
+          "`B/registry-deltas`, `B/registry-no_deltas`) on a fresh 3-node cluster of its own; every command that "
+          "opens B runs with the cluster's AWS_* variables, `WHARF_S3_STATS=FILE` (a fresh file) and "
+          "`WHARF_CACHE=DIR` (one fresh directory per role):")
+        a("")
+        a("```")
+        a("wharf --quiet --store B/add init")
+        a("wharf --quiet --store B/add add V1 --name v1 --json           # timed; role adder")
+        a("wharf --quiet --store B/add add V2 --name v2 --json           # timed; role adder (same cache)")
+        a("wharf --quiet --store B/registry-deltas init")
+        a("wharf --quiet --store L1 push v1 B/registry-deltas --json     # timed: push of all-new data; L1 = local store, v1 added")
+        a("wharf --quiet --store L12 push v2 B/registry-deltas --json    # timed; L12 = L1 + v2 added")
+        a("wharf --quiet --store L12 push v2 R --json                    # timed; R = a local store v1 was pushed into")
+        a("# formats with a no-deltas variant: the same into B/registry-no_deltas and a copy of R, with --no-deltas")
+        a("wharf --quiet --store P pull B/registry-deltas v2 --json [--no-deltas]   # timed; P = a copy of L1")
+        a("wharf --quiet --store P extract v2 -o OUT                     # sha256(OUT) vs corpus.json")
+        a("wharf --quiet --store P' pull R v2 --json [--no-deltas]       # timed; P' = a copy of L1")
+        a("wharf --quiet --store B/registry-deltas extract v2 -o - > OUT # timed; fresh cache; sha256(OUT) vs corpus.json")
+        a("wharf --quiet --store B/registry-deltas extract v2 -o -       # timed; same cache (first scenario of a format)")
+        a("wharf --quiet --store L12 extract v2 -o -                     # timed")
+        a("```")
     if R.get("notes"):
         a("")
         a("## Notes")
@@ -1349,6 +1620,218 @@ def transfer_section(R, a):
         seen.add(p["format"])
         a(f"| {p['format']} | {mb(v['bytes'])} | {sec(v['secs'])} | {rssmb(v['rss_kb'])} | {mb(v['receiver_bytes'])} |")
     a("")
+
+
+def garage_section(R, a):
+    g = R.get("garage")
+    if not g:
+        return
+    a("## Object store (Garage): wharf with its store in a bucket")
+    a("")
+    if g.get("skipped"):
+        a(f"Not run: skipped: {g['skipped']}.")
+        a("")
+        return
+    prs = g.get("pairs", [])
+    nproc = R["machine"].get("nproc", "?")
+    a(f"**Loopback, one machine:** every bucket store below lives on a fresh 3-node Garage cluster "
+      f"({g.get('version', '?')}; replication factor 3, consistency mode consistent, LMDB metadata, started by "
+      f"`benches/garage.py`) on this same VM: its 3 nodes share the {nproc} cores with wharf and write every "
+      "object 3 times to the same disk. No network latency or bandwidth limit is involved, so these figures show "
+      "wharf's request pattern and its CPU and waiting costs, not what a remote bucket would give: there, every "
+      "request adds a round trip and bytes cross a real link.")
+    a("")
+    a("Per pair: the local stores are L1 (v1 added), L12 (v1 and v2 added) and R (an empty local store into which "
+      "L1 pushed v1). On the bucket, each store under a fresh prefix of a fresh cluster (Garage deduplicates "
+      "identical blocks, which would make a second copy of the same packs cheaper): (1) `wharf add V1` then "
+      "`wharf add V2` straight into an empty bucket store; (5) `wharf push v1` from L1 into an empty bucket store "
+      "(all-new data) and (2) then `wharf push v2` from L12 into it, a push to `s3://` running a local "
+      "`wharf serve --stdio` against the bucket as its child; (3) `wharf pull` of v2 from that bucket store into "
+      "a copy of L1, then the receiver's v2 rebuilt and compared with corpus.json; (4) `wharf extract v2 -o -` "
+      "from that bucket store (to a file compared with corpus.json). Each is beside the same operation on local "
+      "directory stores (*local s*: add into L1 / L12, push into a copy of R, pull from R, extract from L12 to "
+      "/dev/null). Every command that opens the bucket gets a fresh cache directory (`WHARF_CACHE`: a fresh "
+      "machine), except the add of v2, which uses the add of v1's (the same machine), and the second, "
+      "*warm-cache* extract. *requests* and *MB up / down* come from `WHARF_S3_STATS` (summed over every wharf "
+      "process that opened the bucket: for push and pull, the `serve` child); a multipart part counts as a PUT "
+      "and a coalesced range read as one GET; *MB down* counts the bytes wharf's reads asked for, so the gaps "
+      "(up to 1 MiB) that a coalesced GET also carries are not in it. *per GB* = requests per GB (10^9 bytes) "
+      "of the image tar (v1 for the v1 rows, else v2). *MB/s* = tar MB / s for add and extract, payload MB / s "
+      "(chunk bytes moved, as `--json` reports them) for push and pull. *pipe MB* = `wire_bytes_out + "
+      "wire_bytes_in` of push or pull (bucket / local). *CPU s* = wharf's own (with its child) / the 3 Garage "
+      "nodes' meanwhile. One run each.")
+    a("")
+    for p in prs:
+        a(f"### Garage: {p['scenario']} / {p['format']}")
+        a("")
+        if p.get("error"):
+            a(f"**Failed**: {p['error'][:1500]}")
+            a("")
+            continue
+        a(f"v1 {mb(p['v1_size'])} MB, v2 {mb(p['v2_size'])} MB; {len(p.get('cluster_start_secs') or [])} fresh "
+          "clusters, started in " + " / ".join(sec(x) for x in p.get("cluster_start_secs") or []) + " s.")
+        a("")
+        a("| step | bucket s | local s | bucket / local | MB/s (bucket / local) | requests: all (GET / PUT / LIST / HEAD / DELETE) | "
+          "per GB | MB up | MB down | pipe MB (bucket / local) | CPU s (wharf / garage) | peak MB | byte-identical |")
+        a("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|")
+        for label, f, loc, size, kind in garage_rows(p):
+            a(garage_row(label, f, loc, size, kind))
+        a("")
+        ro = p.get("registry_objects")
+        ex = p.get("extract_v2")
+        if ro and ex:
+            kinds = ", ".join(f"{k} {mb(v['bytes'])} MB in {v['count']}" for k, v in ro["by_kind"].items()
+                              if v["bytes"] >= 1e5)
+            a(f"The bucket store after v1 and v2: {mb(ro['bytes'])} MB in {ro['count']} objects ({kinds}); the same "
+              f"local directory store {mb(ro['local_store_bytes'])} MB. The fresh-cache extract downloaded "
+              f"{mb(ex['s3']['bytes_down'])} MB, {pct(ex['s3']['bytes_down'], ro['bytes'])} of it, for a "
+              f"{mb(p['v2_size'])} MB tar.")
+            a("")
+    ok = [p for p in prs if not p.get("error")]
+    if not ok:
+        return
+    a("**Requests per GB and throughput against the local store** (medians over the pairs above, range in brackets):")
+    a("")
+
+    def stat(vals, f="{:.0f}"):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return "–"
+        return (f.format(median(vals)) + (f" ({f.format(min(vals))}–{f.format(max(vals))})" if len(vals) > 1 else ""))
+
+    def rpg(key, sub=None, v="v2_size"):
+        out = []
+        for p in ok:
+            f = p.get(key)
+            f = f.get(sub) if (sub and f) else f
+            if f and f.get("s3"):
+                out.append(f["s3"]["requests"] / (p[v] / 1e9))
+        return out
+
+    def ratio(key, lkey, sub=None, lsub=None):
+        out = []
+        for p in ok:
+            f, l = p.get(key), p.get(lkey)
+            if sub:
+                f = (f or {}).get(sub)
+            if lsub:
+                l = (l or {}).get(lsub)
+            if f and l and l.get("secs"):
+                out.append(f["secs"] / l["secs"])
+        return out
+
+    lines = [
+        f"- requests per GB of image: add v1 {stat(rpg('add_v1', v='v1_size'))}, add v2 {stat(rpg('add_v2'))}, "
+        f"push v1 (all new) {stat(rpg('push_v1', 'deltas', 'v1_size'))}, push v2 {stat(rpg('push_v2', 'deltas'))}, "
+        f"pull v2 {stat(rpg('pull_v2', 'deltas'))}, extract v2 (fresh cache) {stat(rpg('extract_v2'))}"
+        + (f", extract again (warm cache) {stat(rpg('extract_v2_warm'))}" if any(p.get('extract_v2_warm') for p in ok)
+           else "") + ".",
+        f"- time on the bucket / time on the local store: add v1 {stat(ratio('add_v1', 'local_add_v1'), '{:.1f}x')}, "
+        f"add v2 {stat(ratio('add_v2', 'local_add_v2'), '{:.1f}x')}, push v1 "
+        f"{stat(ratio('push_v1', 'local_push_v1', 'deltas'), '{:.1f}x')}, push v2 "
+        f"{stat(ratio('push_v2', 'local_push_v2', 'deltas', 'deltas'), '{:.1f}x')}, pull v2 "
+        f"{stat(ratio('pull_v2', 'local_pull_v2', 'deltas', 'deltas'), '{:.1f}x')}, extract v2 "
+        f"{stat(ratio('extract_v2', 'local_extract_v2'), '{:.1f}x')}.",
+        f"- throughput on the bucket: add v1 {stat([p['v1_size'] / 1e6 / p['add_v1']['secs'] for p in ok])} MB/s of "
+        f"tar, push of all-new data {stat([f['payload_bytes'] / 1e6 / f['secs'] for p in ok for f in p['push_v1'].values()])} "
+        f"MB/s of payload (local: {stat([p['local_push_v1']['payload_bytes'] / 1e6 / p['local_push_v1']['secs'] for p in ok])}), extract {stat([p['v2_size'] / 1e6 / p['extract_v2']['secs'] for p in ok])} MB/s of tar "
+        f"(local: {stat([p['v2_size'] / 1e6 / p['local_extract_v2']['secs'] for p in ok])} MB/s).",
+        f"- extract downloads {stat([100 * p['extract_v2']['s3']['bytes_down'] / p['registry_objects']['bytes'] for p in ok], '{:.0f}%')} "
+        "of the bucket store's bytes (v1's and v2's packs: v2 shares most chunks with v1).",
+    ]
+    nd = [p for p in ok if "no_deltas" in (p.get("push_v2") or {})]
+    if nd:
+        def both(key, fld):
+            return "; ".join(f"{p['format']}/{p['scenario']} {mb(p[key]['deltas']['s3'][fld])} vs "
+                             f"{mb(p[key]['no_deltas']['s3'][fld])}" for p in nd)
+        lines.append(
+            "- deltas on the bucket (push and pull with wharf's default, against `--no-deltas`, MB with deltas vs "
+            f"without): push v2 MB up {both('push_v2', 'bytes_up')}; push v2 MB down {both('push_v2', 'bytes_down')}; "
+            f"pull v2 MB down {both('pull_v2', 'bytes_down')}. The `serve` child that talks to the bucket runs on "
+            "the same machine as push or pull, so deltas only shrink the local pipe between the two processes; "
+            "what crosses the link to the bucket is whole chunks either way, plus the delta bases read back.")
+    same, diff, tot_s, tot_g, creates, dels = 0, [], 0, 0, 0, 0
+    for p in ok:
+        for label, f, _, _, _ in garage_rows(p):
+            srv = (f or {}).get("server")
+            if not f or not srv or not f.get("s3"):
+                continue
+            st = f["s3"]
+            tot_s += st["requests"]
+            tot_g += srv["requests"]
+            creates += srv.get("MP_CREATE", 0)
+            # DeleteObjects the stats did not count (wharf counts deletes as it makes them)
+            extra_del = max(0, srv.get("DELETE_MULTI", 0) + srv.get("DELETE", 0) - st["deletes"])
+            dels += extra_del
+            if srv["requests"] - srv.get("MP_CREATE", 0) - extra_del == st["requests"]:
+                same += 1
+            else:
+                diff.append(f"{p['format']}/{p['scenario']} {label}: {st['requests']} counted, {srv['requests']} logged")
+    if same or diff:
+        lines.append(
+            f"- cross-check of the request counts: over the {same + len(diff)} bucket steps of the tables, Garage's "
+            f"node 0 (the endpoint) logged {tot_g} requests where `WHARF_S3_STATS` counted {tot_s}. The difference "
+            f"is {creates} multipart-upload creations (POST ?uploads: the stats count each part and the completion "
+            f"as a PUT, not the creation) and {dels} deletes the stats missed (a DeleteObjects POST per process "
+            "that took the store lock: the lock's release, uncounted)"
+            + (f"; this accounts for every step but: " + "; ".join(diff[:12]) + ("; …" if len(diff) > 12 else "")
+               if diff else f"; this accounts for all of it, step by step") + ".")
+    for l in lines:
+        a(l)
+    a("")
+
+
+def garage_rows(p):
+    """(label, bucket figures, local figures, image size, kind) of one pair's table."""
+    rows = [("add v1 (empty store)", p.get("add_v1"), p.get("local_add_v1"), p["v1_size"], "add"),
+            ("add v2 (store holding v1)", p.get("add_v2"), p.get("local_add_v2"), p["v2_size"], "add")]
+    for key, lab in (("deltas", ""), ("no_deltas", "; again, for the --no-deltas store")):
+        if key in (p.get("push_v1") or {}):
+            rows.append((f"push v1 into an empty store (all new{lab})", p["push_v1"][key], p.get("local_push_v1"),
+                         p["v1_size"], "xfer"))
+    for key, lab in (("deltas", " (deltas)"), ("no_deltas", ", --no-deltas")):
+        if key in (p.get("push_v2") or {}):
+            rows.append((f"push v2 to a store holding v1{lab}", p["push_v2"][key],
+                         (p.get("local_push_v2") or {}).get(key), p["v2_size"], "xfer"))
+    for key, lab in (("deltas", " (deltas)"), ("no_deltas", ", --no-deltas")):
+        if key in (p.get("pull_v2") or {}):
+            rows.append((f"pull v2 into a store holding v1{lab}", p["pull_v2"][key],
+                         (p.get("local_pull_v2") or {}).get(key), p["v2_size"], "xfer"))
+    if p.get("extract_v2"):
+        rows.append(("extract v2, fresh cache", p["extract_v2"], p.get("local_extract_v2"), p["v2_size"], "extract"))
+    if p.get("extract_v2_warm"):
+        rows.append(("extract v2 again, warm cache", p["extract_v2_warm"], p.get("local_extract_v2"), p["v2_size"],
+                     "extract"))
+    return rows
+
+
+def garage_row(label, f, loc, size, kind):
+    """One row of a pair's table: bucket figures f beside the local ones loc."""
+    if not f:
+        return f"| {label} | – | | | | | | | | | | | |"
+    s3 = f.get("s3") or {}
+    ls = (loc or {}).get("secs")
+
+    def rate(x):
+        n = (x or {}).get("payload_bytes") if kind == "xfer" else size
+        if not x or not x.get("secs") or n is None:
+            return "–"
+        v = n / 1e6 / x["secs"]
+        return f"{v:.0f}" if v >= 10 else f"{v:.2f}"
+
+    def pipe(x):
+        return mb(x["wire_bytes_out"] + x["wire_bytes_in"]) if x and x.get("wire_bytes_out") is not None else "–"
+
+    if s3:
+        req = (f"{s3['requests']} ({s3['gets']} / {s3['puts']} / {s3['lists']} / {s3['heads']} / "
+               f"{s3['deletes']})" + (f" [{s3['processes']} stats lines]" if s3.get("processes") != 1 else ""))
+        per_gb, up, down = f"{s3['requests'] / (size / 1e9):.0f}", mb(s3["bytes_up"]), mb(s3["bytes_down"])
+    else:
+        req = per_gb = up = down = "–"
+    cells = [label, sec(f["secs"]), sec(ls), f"{f['secs'] / ls:.1f}x" if ls else "–", f"{rate(f)} / {rate(loc)}",
+             req, per_gb, up, down, f"{pipe(f)} / {pipe(loc)}" if kind == "xfer" else "–",
+             f"{sec(f.get('cpu'))} / {sec(f.get('garage_cpu'))}", rssmb(f.get("rss_kb")), yes(f.get("identical"))]
+    return "| " + " | ".join(cells) + " |"
 
 
 # Extrapolation (issue 5): a 40 GB image and a store of 50 versions, from this run's figures only.
@@ -1604,6 +2087,30 @@ def targets(R, a):
     if ntr:
         rows.append(("every receiver's rebuild byte-identical after push (with and without deltas) and bundle",
                      f"{3 * ntr - len(bad)} of {3 * ntr}" + (f"; differ: {', '.join(bad)}" if bad else ""), not bad))
+    gp = (R.get("garage") or {}).get("pairs", [])
+    if gp:
+        checks, bad, rss = 0, [], []
+        for p in gp:
+            nm = f"{p['format']}/{p['scenario']}"
+            if p.get("error"):
+                bad.append(f"{nm} (failed)")
+                continue
+            figs = [(f"pull {k}", f) for k, f in p.get("pull_v2", {}).items()] + [("extract", p.get("extract_v2"))]
+            for what, f in figs:
+                checks += 1
+                if not (f or {}).get("identical"):
+                    bad.append(f"{nm} {what}")
+            for f in ([p.get("add_v1"), p.get("add_v2"), p.get("extract_v2"), p.get("extract_v2_warm")]
+                      + [x for k in ("push_v1", "push_v2", "pull_v2") for x in (p.get(k) or {}).values()]):
+                if f and f.get("rss_kb"):
+                    rss.append(f["rss_kb"])
+        rows.append(("object store (Garage): every v2 pulled from the bucket (rebuilt on the receiver) and "
+                     "extracted from it byte-identical, every pair run",
+                     f"{checks - len([b for b in bad if not b.endswith('(failed)')])} of {checks}"
+                     + (f"; not: {', '.join(bad)}" if bad else ""), not bad))
+        if rss:
+            rows.append(("peak RSS of wharf on the object store < 200 MB (add, push and pull with their `serve` "
+                         "child, extract)", f"{max(rss) / 1024:.0f} MB", max(rss) / 1024 < 200))
     if not rows:
         return
     a("## Targets")
@@ -1816,9 +2323,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tier", choices=list(TIERS), default="small")
     ap.add_argument("--corpus", default=os.environ.get("WHARF_CORPUS_DIR", "/var/tmp/wharf-corpus"))
-    ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
-    ap.add_argument("--only", choices=["wharf", "peers", "all"], default="all",
-                    help="wharf: store figures, throughput, chunk study; peers: the peer tools only")
+    ap.add_argument("--out", help="default benches/RESULTS.md (with --only garage: benches/RESULTS-garage.md)")
+    ap.add_argument("--only", choices=["wharf", "peers", "garage", "all"], default="all",
+                    help="wharf: store figures, throughput, chunk study and the object-store (Garage) figures; "
+                         "peers: the peer tools only; garage: the object-store figures only, written to "
+                         "RESULTS-garage.md and results-garage.json (RESULTS.md and results.json are left alone)")
     ap.add_argument("--scenarios", default="all", help="comma list, or all")
     ap.add_argument("--formats", default="all", help="comma list, or all (the tier's formats)")
     ap.add_argument("--peer-formats", default="legacy,oci-gzip-pigz",
@@ -1829,6 +2338,15 @@ def main():
     ap.add_argument("--quick", action="store_true", help="skip the peers and the chunk-size study")
     ap.add_argument("--no-transfer", action="store_true",
                     help="skip the push/bundle figures (wharf transfer) that otherwise run with the store figures")
+    ap.add_argument("--no-garage", action="store_true", help="skip the object-store (Garage) figures")
+    ap.add_argument("--garage", help="garage binary (default: $WHARF_GARAGE_BIN, else garage on PATH, else the CI "
+                                     "cache's build); without one the object-store figures are skipped")
+    ap.add_argument("--garage-nodelta-formats", default="legacy",
+                    help="formats on which the object-store pushes and pulls also run with --no-deltas, besides "
+                         "wharf's default (deltas); comma list, all or none")
+    ap.add_argument("--garage-formats", default="legacy,oci",
+                    help="formats the object-store figures run on (those of the run's formats in this list); "
+                         "comma list or all")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of each throughput figure")
     ap.add_argument("--work", default=os.environ.get("WHARF_BENCH_WORK", "/var/tmp/wharf-bench"),
                     help="scratch directory (stores, repos, deltas); emptied at start and end")
@@ -1840,9 +2358,11 @@ def main():
                     help="rewrite RESULTS.md and bytes.png from results.json without measuring")
     args = ap.parse_args()
 
-    out_md = os.path.abspath(args.out)
-    png = os.path.join(os.path.dirname(out_md), "bytes.png")
-    raw = os.path.join(os.path.dirname(out_md), "results.json")
+    garage_only = args.only == "garage"
+    out_md = os.path.abspath(args.out or os.path.join(HERE, "RESULTS-garage.md" if garage_only else "RESULTS.md"))
+    # --only garage keeps its own files: the full run's RESULTS.md, results.json and bytes.png stay as they are.
+    png = None if garage_only else os.path.join(os.path.dirname(out_md), "bytes.png")
+    raw = os.path.join(os.path.dirname(out_md), "results-garage.json" if garage_only else "results.json")
     os.makedirs(os.path.dirname(out_md), exist_ok=True)
     if args.report_only:
         with open(raw) as f:
@@ -1863,6 +2383,8 @@ def main():
     do_wharf = args.only in ("wharf", "all")
     do_peers = args.only in ("peers", "all") and not args.quick
     do_chunks = do_wharf and not args.quick
+    do_garage = args.only in ("wharf", "garage", "all")
+    garage_formats = [f for f in formats if args.garage_formats == "all" or f in args.garage_formats.split(",")]
 
     work = os.path.abspath(args.work)
     if os.path.commonpath([work, REPO]) == REPO:
@@ -1870,7 +2392,7 @@ def main():
     fresh_dir(work)
     disk = DiskPeak(work)
     tools = Tools(not args.no_install)
-    for c in LIMIT_TOOLS + (PEER_TOOLS if do_peers else []) + ["gnuplot"]:
+    for c in ([] if garage_only else LIMIT_TOOLS + ["gnuplot"]) + (PEER_TOOLS if do_peers else []):
         tools.have(c)
 
     R = {"command": "python3 benches/run.py " + q(sys.argv[1:]) if sys.argv[1:] else "python3 benches/run.py",
@@ -1947,6 +2469,22 @@ def main():
             if R["chunk_recommendation"]:
                 log("chunk-size recommendation: " + R["chunk_recommendation"]["why"])
             save()
+        if do_garage:
+            gbin = garage_binary(args.garage)
+            why = ("--no-garage" if args.no_garage else
+                   "no garage binary (set WHARF_GARAGE_BIN, put garage on PATH or pass --garage BIN)" if not gbin else
+                   f"garage binary {gbin} does not exist" if not os.path.isfile(gbin) else
+                   f"none of the run's formats is in --garage-formats {args.garage_formats}" if not garage_formats
+                   else None)
+            if why:
+                log(f"object store (Garage): skipped: {why}")
+                R["garage"] = {"skipped": why}
+            else:
+                section("object store (Garage)")
+                nd = args.garage_nodelta_formats
+                nd = garage_formats if nd == "all" else [] if nd == "none" else nd.split(",")
+                R["garage"] = bench_garage(wh, pairs, garage_formats, scenarios, work, gbin, nd)
+            save()
         if do_peers:
             section("peers (full on " + ", ".join(f for f in formats if f in peer_formats)
                                  + (", with zstd -19" if args.zstd19 else "") + ")")
@@ -1956,13 +2494,17 @@ def main():
                               "pass --zstd19 to include it")
         if args.quick:
             R["notes"].append("--quick: peers and the chunk-size study skipped")
-        R["notes"].append(
-            "Byte repeatability: every byte figure comes from the same corpus bytes and deterministic settings "
-            "(restic's chunker polynomial is fixed by benches/restic-template). Three sources of noise remain, all "
-            "far below the printed resolution (1 kB or coarser): wharf's `stored_bytes` (and the push and bundle "
-            "bytes, which carry the recipe) can differ by 1-2 bytes "
-            "between runs because the recipe records the time of the add (`created`) and is stored compressed; "
-            "borg's and restic's by a few dozen bytes because their archive and tree metadata hold timestamps.")
+        if garage_only:
+            R["notes"].append("--only garage: only the object-store section ran (benches/RESULTS.md holds the last "
+                              "full run)")
+        else:
+            R["notes"].append(
+                "Byte repeatability: every byte figure comes from the same corpus bytes and deterministic settings "
+                "(restic's chunker polynomial is fixed by benches/restic-template). Three sources of noise remain, "
+                "all far below the printed resolution (1 kB or coarser): wharf's `stored_bytes` (and the push and "
+                "bundle bytes, which carry the recipe) can differ by 1-2 bytes "
+                "between runs because the recipe records the time of the add (`created`) and is stored compressed; "
+                "borg's and restic's by a few dozen bytes because their archive and tree metadata hold timestamps.")
     finally:
         end_section()
         disk.done()
