@@ -216,9 +216,9 @@ pub struct PushPlan {
     pub report: TransferReport,
 }
 
-/// Prepares sending image `name` (published as `as_name`): with deltas,
-/// finds the base images the receiver holds (unless `bases` are given, as
-/// for a bundle), builds the planner, and negotiates what is missing.
+/// Prepares sending image `name` (published as `as_name`): finds the base
+/// images the receiver holds (unless `bases` are given, as for a bundle),
+/// builds the planner when deltas are on, and negotiates what is missing.
 pub fn prepare(
     store: &Arc<Store>,
     name: &str,
@@ -228,13 +228,15 @@ pub fn prepare(
     has: &mut HasOracle<'_>,
 ) -> Result<PushPlan> {
     let r = store.require_ref(name)?;
+    // Found with or without deltas: two questions about the images the
+    // receiver holds whole spare asking about each of their chunks, which
+    // costs 32 bytes apiece, ~5 % of a rebuild's new bytes.
     let bases = match bases {
         Some(b) => b,
-        None if deltas.enabled => Bases {
+        None => Bases {
             images: held_bases(store, &candidate_bases(store, name, &r.recipe)?, has)?,
             recipes_held: true,
         },
-        None => Bases::default(),
     };
     let planner = planner(store, &r.recipe, &bases, deltas)?;
     let negotiated = negotiate(store, &r.recipe, &bases.images, planner.as_ref(), has)?;
@@ -530,11 +532,7 @@ pub fn plan(
 ) -> Result<walk::Plan> {
     let r = store.require_ref(name)?;
     let bases = Bases {
-        images: if deltas.enabled {
-            held_bases(store, &candidate_bases(store, name, &r.recipe)?, has)?
-        } else {
-            Vec::new()
-        },
+        images: held_bases(store, &candidate_bases(store, name, &r.recipe)?, has)?,
         recipes_held: true,
     };
     let planner = planner(store, &r.recipe, &bases, deltas)?;

@@ -98,6 +98,42 @@ fn push_sends_only_what_is_missing_and_rebuilds_exactly() {
     assert_eq!(extract(&dst, "again"), v2);
 }
 
+/// Without deltas, a push still learns which images the receiver holds
+/// whole and asks only about the chunks outside them: what crosses the wire
+/// is the new chunks as stored plus a bounded cost per chunk sent, not 32
+/// bytes for every chunk of every changed layer.
+#[test]
+fn push_without_deltas_costs_about_the_new_chunks() {
+    let d = tempfile::tempdir().unwrap();
+    let (src, dst) = (store(&d, "src"), store(&d, "dst"));
+    let v1 = image(Layout::Legacy, Version::V1);
+    let v2 = image(Layout::Legacy, Version::V2);
+    add(&src, "v1", &v1);
+    add(&src, "v2", &v2);
+    with_session(&dst, "push", |c| {
+        c.push(&src, "v1", "v1", DeltaOptions::none(), &|_| {})
+            .unwrap()
+    });
+    let r2 = with_session(&dst, "push", |c| {
+        c.push(&src, "v2", "v2", DeltaOptions::none(), &|_| {})
+            .unwrap()
+    });
+    assert_eq!(extract(&dst, "v2"), v2);
+    // Per chunk sent: its id asked about once (32) and its entry header
+    // (40); then a fixed cost for the handshake, the layer and base
+    // questions, PUBLISH and BYE.
+    let per_chunk = 32 + 40;
+    let fixed = 1024;
+    let bound = r2.payload_bytes + r2.chunks_sent * per_chunk + fixed;
+    assert!(
+        r2.wire_bytes_out <= bound,
+        "{} bytes out for {} of payload in {} chunks (bound {bound}): {r2:?}",
+        r2.wire_bytes_out,
+        r2.payload_bytes,
+        r2.chunks_sent
+    );
+}
+
 #[test]
 fn pull_fetches_only_what_is_missing() {
     let d = tempfile::tempdir().unwrap();
