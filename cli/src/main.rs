@@ -778,6 +778,14 @@ fn describe_compression(c: &wharf_format::recipe::Compression, len: u64) -> Stri
             HumanBytes(recon),
             100.0 * recon as f64 / len.max(1) as f64
         ),
+        ("libzstd", Some(recon)) => format!(
+            "{}: stored decompressed ({} of content in {} frame(s)), rebuilt exactly by libzstd ({}) from {} of reconstruction data",
+            c.format,
+            HumanBytes(c.plain_len.unwrap_or(0)),
+            c.members.unwrap_or(0),
+            c.params.as_deref().unwrap_or("?"),
+            HumanBytes(recon),
+        ),
         _ => format!(
             "{}: stored as it is, {}: {}",
             c.format,

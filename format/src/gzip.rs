@@ -123,8 +123,11 @@ pub struct Analysis {
 /// How a member that preflate can model is laid out.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// Offset and length of each member's deflate stream in the member bytes.
+    /// Offset and length of each member's deflate stream in the member bytes
+    /// (of each zstd frame, when `zstd`).
     pub deflate: Vec<(u64, u64)>,
+    /// The streams are zstd frames (`crate::zstdlayer`), not deflate.
+    pub zstd: bool,
     /// Length of the reconstruction stream written.
     pub recon_len: u64,
     /// Total plaintext length (all members).
@@ -191,19 +194,19 @@ pub fn analyze(
     })
 }
 
-struct RecordWriter<'a> {
-    out: &'a mut dyn Write,
-    len: u64,
+pub(crate) struct RecordWriter<'a> {
+    pub(crate) out: &'a mut dyn Write,
+    pub(crate) len: u64,
 }
 
 impl RecordWriter<'_> {
-    fn put(&mut self, b: &[u8]) -> Result<()> {
+    pub(crate) fn put(&mut self, b: &[u8]) -> Result<()> {
         self.out.write_all(b).map_err(Error::Stream)?;
         self.len += b.len() as u64;
         Ok(())
     }
 
-    fn lit(&mut self, mut b: &[u8]) -> Result<()> {
+    pub(crate) fn lit(&mut self, mut b: &[u8]) -> Result<()> {
         while !b.is_empty() {
             let n = b.len().min(MAX_LIT);
             let mut h = vec![TAG_LIT];
@@ -284,6 +287,7 @@ impl Analyzer<'_> {
     fn run(&mut self) -> Result<Outcome> {
         let mut plan = Plan {
             deflate: Vec::new(),
+            zstd: false,
             recon_len: 0,
             plain_len: 0,
             tail_len: 0,
@@ -443,6 +447,8 @@ pub struct Rebuilder<R: Read> {
     /// The DEFLATE record being filled: plaintext wanted, corrections, plaintext so far.
     cur: Option<(u64, Vec<u8>, Vec<u8>)>,
     deflate: Option<RecreateStreamProcessor>,
+    /// The ZSTD record being compressed (`crate::zstdlayer`).
+    zstd: Option<crate::zstdlayer::FrameCompressor>,
     /// Plaintext consumed so far, for error messages.
     plain_seen: u64,
 }
@@ -462,6 +468,7 @@ impl<R: Read> Rebuilder<R> {
             recon,
             cur: None,
             deflate: None,
+            zstd: None,
             plain_seen: 0,
         })
     }
@@ -469,6 +476,18 @@ impl<R: Read> Rebuilder<R> {
     /// Feeds plaintext; compressed bytes come out through `out`.
     pub fn push(&mut self, mut b: &[u8], out: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
         while !b.is_empty() {
+            if let Some(z) = self.zstd.as_mut() {
+                let take = (z.remaining().min(b.len() as u64)) as usize;
+                z.push(&b[..take], out)?;
+                b = &b[take..];
+                self.plain_seen += take as u64;
+                if z.remaining() == 0 {
+                    if let Some(z) = self.zstd.take() {
+                        z.finish(out)?;
+                    }
+                }
+                continue;
+            }
             if self.cur.is_none() && !self.advance(out)? {
                 return Err(Error::Corrupt(format!(
                     "gzip plaintext is longer than its reconstruction data ({} bytes used)",
@@ -492,7 +511,7 @@ impl<R: Read> Rebuilder<R> {
     /// Emits the records after the last plaintext byte (trailer, tail) and
     /// checks that plaintext and reconstruction data ended together.
     pub fn finish(mut self, out: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
-        if self.cur.is_some() || self.advance(out)? {
+        if self.cur.is_some() || self.zstd.is_some() || self.advance(out)? {
             return Err(Error::Corrupt(format!(
                 "gzip plaintext ended after {} bytes, before its reconstruction data",
                 self.plain_seen
@@ -565,6 +584,23 @@ impl<R: Read> Rebuilder<R> {
                     }
                     self.flush(out)?;
                 }
+                crate::zstdlayer::TAG_ZSTD => {
+                    let plain = self.varint()?;
+                    let level = crate::zstdlayer::unzigzag(self.varint()?);
+                    let mut flags = [0u8; 1];
+                    self.exact(&mut flags)?;
+                    let _libzstd_version = self.varint()?;
+                    let params = level
+                        .ok_or_else(|| "ZSTD record level out of range".to_string())
+                        .and_then(|l| crate::zstdlayer::Params::from_flags(l, flags[0]))
+                        .map_err(|e| Error::Corrupt(format!("zstd reconstruction: {e}")))?;
+                    let z = crate::zstdlayer::FrameCompressor::new(&params, plain)?;
+                    if plain > 0 {
+                        self.zstd = Some(z);
+                        return Ok(true);
+                    }
+                    z.finish(out)?;
+                }
                 t => {
                     return Err(Error::Corrupt(format!(
                         "gzip reconstruction: unknown record tag {t:#04x}"
@@ -621,7 +657,8 @@ fn read_some(r: &mut dyn Read, b: &mut [u8]) -> Result<usize> {
 pub struct PlainReader {
     spool: PathBuf,
     deflate: std::vec::IntoIter<(u64, u64)>,
-    cur: Option<flate2::bufread::DeflateDecoder<BufReader<std::io::Take<File>>>>,
+    zstd: bool,
+    cur: Option<Box<dyn Read>>,
     rebuilder: Option<Rebuilder<BufReader<File>>>,
     sha: sha2::Sha256,
     rebuilt_len: u64,
@@ -637,6 +674,7 @@ impl PlainReader {
         Ok(PlainReader {
             spool: spool.to_path_buf(),
             deflate: plan.deflate.clone().into_iter(),
+            zstd: plan.zstd,
             cur: None,
             rebuilder: Some(Rebuilder::new(BufReader::with_capacity(1 << 20, r))?),
             sha: sha2::Sha256::new(),
@@ -661,9 +699,16 @@ impl PlainReader {
         };
         let mut f = File::open(&self.spool).ctx("open", &self.spool)?;
         f.seek(SeekFrom::Start(off)).ctx("seek", &self.spool)?;
-        self.cur = Some(flate2::bufread::DeflateDecoder::new(
-            BufReader::with_capacity(256 << 10, f.take(len)),
-        ));
+        let input = BufReader::with_capacity(256 << 10, f.take(len));
+        self.cur = Some(if self.zstd {
+            Box::new(
+                zstd::stream::read::Decoder::with_buffer(input)
+                    .map_err(Error::Stream)?
+                    .single_frame(),
+            )
+        } else {
+            Box::new(flate2::bufread::DeflateDecoder::new(input))
+        });
         Ok(true)
     }
 

@@ -480,17 +480,18 @@ impl Ingester<'_> {
         } else {
             tarhdr::looks_like_tar(&first)
         };
+        let mut version = None;
         let body = if split && depth <= MAX_DEPTH {
             self.split_tar(first, r, depth)?
         } else if (1..=MAX_DEPTH).contains(&depth) && crate::gzip::is_gzip(&first) {
             self.gzip_or_raw(first, r, depth)?
-        } else {
-            if depth == 1 && crate::gzip::is_zstd(&first) {
-                self.compression = Some(Compression::raw(
-                    "zstd",
-                    "zstd frames are stored as they are (recompression not implemented)",
-                ));
+        } else if (1..=MAX_DEPTH).contains(&depth) && crate::gzip::is_zstd(&first) {
+            let body = self.zstd_or_raw(first, r, depth)?;
+            if matches!(body, NodeBody::Gzip { .. }) {
+                version = Some(crate::recipe::ZSTD_NODE_VERSION);
             }
+            body
+        } else {
             let mut data = DataStream::new(self.params);
             data.push(self.w, &first)?;
             copy_rest(r, &mut |b| data.push(self.w, b))?;
@@ -503,7 +504,7 @@ impl Ingester<'_> {
             None => None,
         };
         let node = Node {
-            wharf_node: Node::version_for(&body),
+            wharf_node: version.unwrap_or_else(|| Node::version_for(&body)),
             len: r.len,
             sha256: r.sha256()?,
             blocks,
@@ -717,6 +718,7 @@ impl Ingester<'_> {
                             recon_len: Some(plan.recon_len),
                             plain_len: Some(plan.plain_len),
                             members: Some(plan.deflate.len() as u64),
+                            params: None,
                             reason: None,
                         });
                     }
@@ -773,4 +775,102 @@ impl Ingester<'_> {
             recon: stream.finish(self.w)?,
         }))
     }
+}
+
+impl Ingester<'_> {
+    /// A member that starts with zstd magic: stored by its plaintext plus
+    /// the parameters that recompress each frame to its exact bytes, when
+    /// libzstd made it with parameters wharf finds (`crate::zstdlayer`),
+    /// else as plain chunks. Spooled first, since the input cannot be read
+    /// twice and detection reads the frames several times.
+    fn zstd_or_raw(
+        &mut self,
+        first: Vec<u8>,
+        r: &mut HashingReader,
+        depth: u32,
+    ) -> Result<NodeBody> {
+        use crate::gzip::ScratchFile;
+        let scratch = self.w.store().backend().scratch_dir().to_path_buf();
+        let (spool, spool_file) = ScratchFile::create(&scratch, "zstd")?;
+        let mut spool_w = std::io::BufWriter::with_capacity(1 << 20, spool_file);
+        std::io::Write::write_all(&mut spool_w, &first).map_err(Error::Stream)?;
+        copy_rest(r, &mut |b| {
+            std::io::Write::write_all(&mut spool_w, b).map_err(Error::Stream)
+        })?;
+        std::io::Write::flush(&mut spool_w).map_err(Error::Stream)?;
+        drop(spool_w);
+        let reason = match crate::zstdlayer::analyze(&spool.path, r.len)? {
+            Err(reason) => reason,
+            Ok(zplan) => {
+                let (recon, recon_file) = ScratchFile::create(&scratch, "zstd-recon")?;
+                let mut recon_w = std::io::BufWriter::with_capacity(1 << 20, recon_file);
+                let recon_len = write_zstd_recon(&spool.path, &zplan, r.len, &mut recon_w)?;
+                std::io::Write::flush(&mut recon_w).map_err(Error::Stream)?;
+                drop(recon_w);
+                let plan = crate::gzip::Plan {
+                    deflate: zplan.frames.iter().map(|(f, _)| (f.off, f.len)).collect(),
+                    zstd: true,
+                    recon_len,
+                    plain_len: zplan.plain_len,
+                    tail_len: zplan.tail_len,
+                };
+                match self.gzip_plain(&spool.path, &recon.path, &plan, r, depth)? {
+                    Ok(body) => {
+                        if depth == 1 {
+                            self.compression = Some(Compression {
+                                format: "zstd".into(),
+                                method: "libzstd".into(),
+                                recon_len: Some(recon_len),
+                                plain_len: Some(plan.plain_len),
+                                members: Some(plan.deflate.len() as u64),
+                                params: Some(zplan.describe()),
+                                reason: None,
+                            });
+                        }
+                        return Ok(body);
+                    }
+                    Err(reason) => reason,
+                }
+            }
+        };
+        let mut data = DataStream::new(self.params);
+        let mut f = std::fs::File::open(&spool.path).map_err(Error::Stream)?;
+        copy_rest(&mut f, &mut |b| data.push(self.w, b))?;
+        if depth == 1 {
+            self.compression = Some(Compression::raw("zstd", &reason));
+        }
+        Ok(NodeBody::Raw {
+            data: data.finish(self.w)?,
+        })
+    }
+}
+
+/// The reconstruction stream of a zstd member (spec/FORMAT.md §8.5): the
+/// magic, one ZSTD record per frame, the bytes after the last frame as
+/// literals. Returns its length.
+fn write_zstd_recon(
+    spool: &std::path::Path,
+    zplan: &crate::zstdlayer::ZPlan,
+    len: u64,
+    out: &mut dyn std::io::Write,
+) -> Result<u64> {
+    let mut w = crate::gzip::RecordWriter { out, len: 0 };
+    w.put(crate::gzip::RECON_MAGIC)?;
+    for (f, p) in &zplan.frames {
+        w.put(&p.record(f.plain_len))?;
+    }
+    if zplan.tail_len > 0 {
+        let mut f = std::fs::File::open(spool).map_err(Error::Stream)?;
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(len - zplan.tail_len))
+            .map_err(Error::Stream)?;
+        let mut buf = vec![0u8; crate::gzip::MAX_LIT];
+        loop {
+            let n = read_full(&mut f, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            w.lit(&buf[..n])?;
+        }
+    }
+    Ok(w.len)
 }

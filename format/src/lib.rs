@@ -8,6 +8,7 @@
 //! - [`list`], [`recipe`]: how a stored byte stream is described.
 //! - [`ingest`], [`extract`]: `add` and byte-identical rebuild.
 //! - [`gzip`]: gzip layers stored by their plaintext and rebuilt exactly (preflate).
+//! - [`zstdlayer`]: zstd layers likewise, rebuilt by recompressing with libzstd.
 //! - [`delta`], [`similar`]: chunks sent as zstd deltas against bytes the
 //!   receiver holds, and finding those bytes.
 //! - [`maintenance`]: `verify`, `gc`, and per-image statistics.
@@ -32,6 +33,7 @@ pub mod skeleton;
 pub mod store;
 pub mod synth;
 pub mod tarhdr;
+pub mod zstdlayer;
 
 pub use error::{Error, Result};
 pub use hash::ChunkId;

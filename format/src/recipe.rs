@@ -19,8 +19,12 @@ pub const NODE_VERSION: u64 = 1;
 /// Version written on `gzip` nodes: version 2 is version 1 plus that kind, so
 /// a reader that predates it reports a version to upgrade for, not damage.
 pub const GZIP_NODE_VERSION: u64 = 2;
+/// Version written on `gzip` nodes whose reconstruction stream holds ZSTD
+/// records (zstd layers, spec/FORMAT.md §8.5): a reader that predates them
+/// reports a version to upgrade for instead of an unknown record.
+pub const ZSTD_NODE_VERSION: u64 = 3;
 /// Highest node version this wharf reads.
-pub const MAX_NODE_VERSION: u64 = GZIP_NODE_VERSION;
+pub const MAX_NODE_VERSION: u64 = ZSTD_NODE_VERSION;
 pub const RECIPE_VERSION: u64 = 1;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -111,7 +115,8 @@ pub struct LayerInfo {
     pub sha256: String,
     pub node: ChunkId,
     /// "tar" when split into skeleton and data, "raw" when chunked as bytes,
-    /// "gzip" when stored by its decompressed content.
+    /// "gzip" when stored by its decompressed content (zstd layers too: the
+    /// node kind is shared, see spec/FORMAT.md §8.5).
     pub kind: String,
     /// For a compressed member (found by its magic bytes): how it was
     /// stored and, when as plain chunks, why. Absent for other members.
@@ -124,8 +129,10 @@ pub struct LayerInfo {
 pub struct Compression {
     /// "gzip" or "zstd".
     pub format: String,
-    /// "preflate" (stored decompressed, rebuilt exactly) or "raw" (the
-    /// compressed bytes stored as plain chunks).
+    /// "preflate" (gzip stored decompressed, rebuilt exactly), "libzstd"
+    /// (zstd stored decompressed, rebuilt by recompressing with the
+    /// parameters found) or "raw" (the compressed bytes stored as plain
+    /// chunks).
     pub method: String,
     /// Bytes of the reconstruction stream (method "preflate").
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -133,9 +140,12 @@ pub struct Compression {
     /// Length of the decompressed content (method "preflate").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plain_len: Option<u64>,
-    /// Number of gzip members (method "preflate").
+    /// Number of gzip members or zstd frames (methods "preflate", "libzstd").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub members: Option<u64>,
+    /// The libzstd parameters found, e.g. "level 19, checksum" (method "libzstd").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<String>,
     /// Why the compressed bytes were stored as they are (method "raw").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -150,6 +160,7 @@ impl Compression {
             recon_len: None,
             plain_len: None,
             members: None,
+            params: None,
             reason: Some(reason.into()),
         }
     }
