@@ -529,18 +529,7 @@ fn damaged_reconstruction_data_fails_extract() {
     );
 }
 
-#[test]
-fn zstd_layers_are_stored_as_they_are_and_say_so() {
-    let (_d, store) = new_store();
-    let tar = layer(40, 1_700_000_000, 14);
-    let zst = zstd::encode_all(&tar[..], 3).unwrap();
-    let l = round_trip_blob(&store, "zstd", &zst);
-    let c = l.compression.expect("compression recorded");
-    assert_eq!(
-        (l.kind.as_str(), c.format.as_str(), c.method.as_str()),
-        ("raw", "zstd", "raw")
-    );
-}
+// zstd layers: tests/zstd.rs.
 
 #[test]
 fn rebuilt_sha_matches_for_large_multi_window_layer() {
