@@ -3,13 +3,15 @@
 and compares it with the tools a user could use instead.
 
     python3 benches/run.py [--tier small|large] [--corpus DIR] [--out benches/RESULTS.md]
-                           [--only wharf|peers|garage|all] [--scenarios a,b] [--formats a,b] [--quick]
-                           [--no-transfer] [--no-garage] [--garage BIN]
+                           [--only wharf|peers|garage|scale|all] [--scenarios a,b] [--formats a,b]
+                           [--quick] [--no-transfer] [--no-garage] [--garage BIN] [--no-scale]
+                           [--scale-gb N]
 
 It writes benches/RESULTS.md, benches/bytes.png and benches/results.json (raw
-figures), all regenerated wholesale on every run (--only garage: RESULTS-garage.md
-and results-garage.json instead). See benches/README.md. The object-store figures
-start Garage clusters with benches/garage.py.
+figures), all regenerated wholesale on every run (--only garage / --only scale:
+RESULTS-garage.md and results-garage.json / RESULTS-scale.md and results-scale.json
+instead). See benches/README.md. The object-store figures start Garage clusters with
+benches/garage.py; the scale figures build a multi-GB image from the corpus.
 
 Python 3.11, standard library only. External tools (zstd, b3sum, openssl, gzip,
 xdelta3, rsync, casync, borg, restic, gnuplot) are installed with apt-get when
@@ -19,6 +21,7 @@ missing and the harness runs as root; a tool that cannot be had is reported as
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import platform
@@ -72,14 +75,53 @@ class Failed(Exception):
 
 # ---------------------------------------------------------------- measuring
 
-def measure(cmd, stdout=None, stdin=None, env=None, cwd=None, check=True, timeout=None):
+# Run by measure(exact=True): starts the command from a small process (python -S -I, ~9 MB) and writes its
+# wall seconds, CPU seconds and ru_maxrss to argv[1]. A child started by this harness directly reports at
+# least the harness's own peak RSS (~35 MB: Python starts children with vfork, and exec records the high-water
+# mark of the memory it replaces), which would hide anything wharf uses below that.
+RSS_HELPER = """import os, sys, time
+t = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, st, ru = os.wait4(pid, 0)
+t = time.perf_counter() - t
+with open(sys.argv[1], "w") as f:
+    f.write(f"{t} {ru.ru_utime + ru.ru_stime} {ru.ru_maxrss}")
+sys.exit(os.waitstatus_to_exitcode(st))
+"""
+
+
+def measure(cmd, stdout=None, stdin=None, env=None, cwd=None, check=True, timeout=None, exact=False):
     """Run cmd; return wall seconds, CPU seconds and peak RSS (KB) of it and its children.
 
     stdout: None (discarded to /dev/null), a path (written there), or "capture"
     (returned as text in "out"). Peak RSS is ru_maxrss from wait4(), the largest
     resident set of the process and the children it waited for. timeout: seconds
-    after which the process is killed (SIGKILL, by its pid) and the run fails."""
+    after which the process is killed (SIGKILL, by its pid) and the run fails.
+    exact: start cmd through RSS_HELPER, so that its peak RSS is its own rather than at least this
+    process's (see RSS_HELPER); times are then the helper's of its child, without its own start-up."""
     cmd = [str(c) for c in cmd]
+    if exact:
+        assert not timeout, "measure(exact=True) cannot kill the command itself"
+        fd, figs = tempfile.mkstemp(prefix="wharf-bench-rss-")
+        os.close(fd)
+        try:
+            r = measure([sys.executable, "-S", "-I", "-c", RSS_HELPER, figs, *cmd], stdout, stdin, env, cwd,
+                        check=False)
+            with open(figs) as f:
+                got = f.read().split()
+        finally:
+            os.unlink(figs)
+        if len(got) == 3:
+            r["secs"], r["cpu"], r["rss_kb"] = float(got[0]), float(got[1]), int(got[2])
+        r["cmd"] = q(cmd)
+        if check and r["rc"] != 0:
+            raise Failed(f"`{q(cmd)}` exited {r['rc']}: {r['err'].strip()[-600:]}")
+        return r
     full_env = dict(os.environ)
     if env:
         full_env.update(env)
@@ -393,8 +435,9 @@ def wharf_binary(args, work):
 # ---------------------------------------------------------------- wharf
 
 class Wharf:
-    def __init__(self, exe):
+    def __init__(self, exe, exact=False):
         self.exe = exe
+        self.exact = exact  # measure(exact=True): peak RSS of wharf itself, not at least the harness's
 
     def init(self, store, avg_kib=None, level=None):
         rm(store)
@@ -403,37 +446,48 @@ class Wharf:
             cmd += ["--avg-chunk-kib", avg_kib]
         if level:
             cmd += ["--zstd-level", level]
-        measure(cmd)
+        measure(cmd, exact=self.exact)
         with open(os.path.join(store, "config.json")) as f:
             return json.load(f)
 
     def add(self, store, tar, name):
         before = tree_bytes(store)
-        r = measure([self.exe, "--quiet", "--store", store, "add", tar, "--name", name, "--json"], stdout="capture")
+        r = measure([self.exe, "--quiet", "--store", store, "add", tar, "--name", name, "--json"], stdout="capture",
+                    exact=self.exact)
         r["report"] = json.loads(r.pop("out"))
         r["store_growth"] = tree_bytes(store) - before
         return r
 
     def extract(self, store, name, out):
         if out == "-":
-            return measure([self.exe, "--quiet", "--store", store, "extract", name, "-o", "-"])
-        return measure([self.exe, "--quiet", "--store", store, "extract", name, "-o", out])
+            return measure([self.exe, "--quiet", "--store", store, "extract", name, "-o", "-"], exact=self.exact)
+        return measure([self.exe, "--quiet", "--store", store, "extract", name, "-o", out], exact=self.exact)
 
     def push(self, store, name, dest, extra=()):
         """`wharf push NAME DEST --json` to a local store: wharf spawns `wharf serve --stdio` on DEST as its
         child, so the wall time and peak RSS cover both ends; the report counts the bytes on their pipe."""
-        r = measure([self.exe, "--quiet", "--store", store, "push", name, dest, "--json", *extra], stdout="capture")
+        r = measure([self.exe, "--quiet", "--store", store, "push", name, dest, "--json", *extra], stdout="capture",
+                    exact=self.exact)
         r["report"] = json.loads(r.pop("out"))
         return r
 
     def bundle(self, store, name, have, out, extra=()):
         r = measure([self.exe, "--quiet", "--store", store, "bundle", name, "--have", have, "-o", out, "--json",
-                     *extra], stdout="capture")
+                     *extra], stdout="capture", exact=self.exact)
         r["report"] = json.loads(r.pop("out"))
         return r
 
     def unbundle(self, store, path):
-        return measure([self.exe, "--quiet", "--store", store, "unbundle", path, "--json"], stdout="capture")
+        return measure([self.exe, "--quiet", "--store", store, "unbundle", path, "--json"], stdout="capture",
+                       exact=self.exact)
+
+    def pull(self, store, src, name, extra=()):
+        """`wharf --store STORE pull SRC NAME --json`: for a local SRC, wharf runs `wharf serve --stdio` on it
+        as its child, so the wall time and peak RSS cover both ends."""
+        r = measure([self.exe, "--quiet", "--store", store, "pull", src, name, "--json", *extra], stdout="capture",
+                    exact=self.exact)
+        r["report"] = json.loads(r.pop("out"))
+        return r
 
 
 PUSH_KEYS = ("chunks_total", "chunks_sent", "chunks_skipped", "layers_skipped", "payload_bytes", "delta_chunks",
@@ -668,6 +722,277 @@ def bench_gzip_throughput(wh, tools, img, work):
         log(f"  {v['label']}: {v['MBps']:.1f} MB/s ({v['secs']:.1f} s)")
     rm(store)
     return {"image": img["file"], "size": size, "plain": plain_total, "rows": rows}
+
+
+# ---------------------------------------------------------------- scale: one multi-GB image
+
+SCALE_GEN = 1            # bump when scale_image's output changes: a cached image is then rebuilt
+SCALE_RSS_MB = 200       # target: peak RSS of add / extract / push whatever the image size
+SCALE_PUSH_MBPS = 500    # target: a push of all-new data over loopback, MB/s of chunk payload
+SCALE_NOOP_S = 2.0       # target: a no-op push of a multi-GB image, wall seconds
+SCALE_WIRE_PCT = 1.0     # target: wire bytes of the all-new push within this % of its payload
+SCALE_REPO = "wharf-bench/scale"
+
+
+def scale_copies(src_size, gb):
+    return max(1, min(255, round(gb * 1e9 / src_size)))
+
+
+def scale_image(src, copies, cache_dir):
+    """A deterministic multi-GB image in the legacy `docker save` layout, cached in cache_dir.
+
+    Its layers are `copies` copies of each layer tar of src (a corpus image with uncompressed layers, listed
+    by its manifest.json): in copy c (c = 1..copies) every regular file's content is XORed byte-wise with
+    c, while every other byte of the layer tar (headers, padding, the end blocks) is kept, so names, modes,
+    mtimes and sizes stay as they were. XOR with a constant keeps the data as compressible as it was but
+    changes every chunk, so no copy dedups against another. Around the layers: `<v1id>/{VERSION,json,
+    layer.tar}` per layer, the image config (the source's, with the new diff_ids and one history entry per
+    layer), manifest.json and repositories, in name order (as Docker <= 24 writes them). The same source
+    and copies give the same bytes every time; the image is kept across runs under a name holding those
+    parameters (and SCALE_GEN), and other scale images in cache_dir are deleted."""
+    key = f"scale-g{SCALE_GEN}-{src['sha256'][:16]}-x{copies}"
+    path = os.path.join(cache_dir, key + ".tar")
+    meta_path = path + ".json"
+    if os.path.exists(path) and os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if os.path.getsize(path) == meta.get("size"):
+            log(f"scale image: reusing {path} ({meta['size'] / 1e9:.2f} GB)")
+            return meta | {"path": path, "cached": True, "build_secs": None}
+    os.makedirs(cache_dir, exist_ok=True)
+    for f in os.listdir(cache_dir):
+        if f.startswith("scale-"):
+            rm(os.path.join(cache_dir, f))
+    t0 = time.perf_counter()
+    log(f"scale image: building {path}: {copies} copies of the layers of {src['file']}")
+    with open(src["path"], "rb") as f:
+        outer = tarfile.open(fileobj=f)
+        mem = {m.name: m for m in outer.getmembers()}
+        man = json.load(outer.extractfile("manifest.json"))[0]
+        cfg = json.load(outer.extractfile(man["Config"]))
+        layers = []
+        for name in man["Layers"]:
+            m = mem[name]
+            f.seek(m.offset_data)
+            raw = f.read(m.size)
+            regions = [(x.offset_data, x.offset_data + x.size)
+                       for x in tarfile.open(fileobj=io.BytesIO(raw)) if x.isreg() and x.size]
+            layers.append((raw, regions))
+        mtime = mem[man["Layers"][0]].mtime
+    xor = [bytes(b ^ c for b in range(256)) for c in range(256)]
+
+    def pieces(raw, regions, c):
+        x = memoryview(raw.translate(xor[c]))
+        o = memoryview(raw)
+        pos = 0
+        for a, b in regions:
+            if a > pos:
+                yield o[pos:a]
+            yield x[a:b]
+            pos = b
+        if pos < len(raw):
+            yield o[pos:]
+
+    order = [(c, i) for c in range(1, copies + 1) for i in range(len(layers))]
+    # pass 1: the diff_ids (the ids of the layer directories and the config depend on all of them)
+    diff = []
+    for c, i in order:
+        h = hashlib.sha256()
+        for p in pieces(*layers[i], c):
+            h.update(p)
+        diff.append(h.hexdigest())
+    chain, ids, parent = None, [], ""
+    jsons = []
+    for (c, i), d in zip(order, diff):
+        chain = d if chain is None else hashlib.sha256(f"sha256:{chain} sha256:{d}".encode()).hexdigest()
+        v1 = hashlib.sha256(f"wharf-bench scale {chain} {parent}".encode()).hexdigest()
+        j = {"id": v1} | ({"parent": parent} if parent else {}) | {
+            "created": cfg.get("created", "1970-01-01T00:00:00Z"), "container_config": {"Cmd": None},
+            "comment": f"copy {c} of layer {i + 1} of {src['file']}", "os": "linux"}
+        ids.append(v1)
+        jsons.append(json.dumps(j, separators=(",", ":")).encode())
+        parent = v1
+    hist = []
+    for c in range(1, copies + 1):
+        for e in cfg.get("history", []):
+            e = dict(e)
+            if not e.get("empty_layer"):
+                e["created_by"] = e.get("created_by", "") + f" # wharf-bench scale copy {c}"
+            hist.append(e)
+    cfg["history"] = hist
+    cfg["rootfs"] = {"type": "layers", "diff_ids": [f"sha256:{d}" for d in diff]}
+    config = json.dumps(cfg, separators=(",", ":")).encode()
+    config_name = hashlib.sha256(config).hexdigest() + ".json"
+    manifest = json.dumps([{"Config": config_name, "RepoTags": [f"{SCALE_REPO}:x{copies}"],
+                            "Layers": [f"{v}/layer.tar" for v in ids]}], separators=(",", ":")).encode() + b"\n"
+    repos = json.dumps({SCALE_REPO: {f"x{copies}": ids[-1]}}, separators=(",", ":")).encode() + b"\n"
+    # name -> (kind, content, mtime); kind: "dir", "data" (bytes) or "layer" (index into order)
+    items = {config_name: ("data", config, mtime), "manifest.json": ("data", manifest, 0),
+             "repositories": ("data", repos, 0)}
+    for n, v in enumerate(ids):
+        items[v + "/"] = ("dir", None, mtime)
+        items[v + "/VERSION"] = ("data", b"1.0", mtime)
+        items[v + "/json"] = ("data", jsons[n], mtime)
+        items[v + "/layer.tar"] = ("layer", n, mtime)
+    # pass 2: write, hashing as it goes
+    h = hashlib.sha256()
+    tmp = path + ".tmp"
+    size = 0
+    with open(tmp, "wb") as out:
+        def put(b):
+            nonlocal size
+            out.write(b)
+            h.update(b)
+            size += len(b)
+
+        for name in sorted(items):
+            kind, content, mt = items[name]
+            ti = tarfile.TarInfo(name)
+            ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = mt, 0, 0, "", ""
+            if kind == "dir":
+                ti.type, ti.mode, ti.size = tarfile.DIRTYPE, 0o755, 0
+                put(ti.tobuf(format=tarfile.USTAR_FORMAT))
+                continue
+            ti.mode = 0o644
+            if kind == "data":
+                ti.size = len(content)
+                put(ti.tobuf(format=tarfile.USTAR_FORMAT))
+                put(content)
+            else:
+                c, i = order[content]
+                ti.size = len(layers[i][0])
+                put(ti.tobuf(format=tarfile.USTAR_FORMAT))
+                for p in pieces(*layers[i], c):
+                    put(p)
+            if ti.size % 512:
+                put(bytes(512 - ti.size % 512))
+        put(bytes(1024))
+        out.flush()
+        os.fsync(out.fileno())  # no writeback of this image during the timed runs
+    os.replace(tmp, path)
+    meta = {"file": os.path.basename(path), "size": size, "sha256": h.hexdigest(), "copies": copies,
+            "layers": len(order), "source": src["file"], "source_size": src["size"],
+            "source_layers": len(layers), "generator": SCALE_GEN}
+    with open(meta_path, "w") as f:
+        json.dump(meta, f, indent=1)
+    secs = time.perf_counter() - t0
+    log(f"scale image: {size / 1e9:.2f} GB, {len(order)} layers, built in {secs:.0f} s")
+    return meta | {"path": path, "cached": False, "build_secs": secs}
+
+
+def scale_image_in_child(src, copies, cache_dir):
+    """scale_image in a child process. In this one, its buffers (the source's layers, about 0.5 GB) would raise
+    the peak RSS of this process, and every child started afterwards reports at least that peak as its own
+    ru_maxrss (Python starts children with vfork, and exec keeps the high-water mark of the memory it replaces):
+    the peak RSS figures would then be the harness's, not wharf's."""
+    code = ("import json, sys, time; sys.path.insert(0, sys.argv[1]); import run; "
+            "run.T0 = time.monotonic() - float(sys.argv[2]); "  # the log's clock goes on from this process's
+            "print(json.dumps(run.scale_image(json.loads(sys.argv[3]), int(sys.argv[4]), sys.argv[5])))")
+    p = subprocess.run([sys.executable, "-c", code, HERE, str(time.monotonic() - T0), json.dumps(src), str(copies),
+                        cache_dir], stdout=subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        raise Failed(f"building the scale image failed (exit {p.returncode}; its error is in the log above)")
+    return json.loads(p.stdout)
+
+
+SCALE_REPORT_KEYS = PUSH_KEYS + ("image_bytes", "new_bytes", "stored_bytes", "chunks", "new_chunks", "layers")
+
+
+def bench_scale(wh, src, work, reps, gb, cache_dir):
+    """add, extract, push and pull of one multi-GB image (scale_image), each with its peak RSS.
+
+    Stores (in work): S (the image added), D (an empty store the all-new push goes into, made afresh for
+    each run; the no-op pushes then go into the last one), P (an empty store the pull goes into, afresh each
+    run). The add of new data and the extract to a file run once; the rest `reps` times (the no-op pushes at
+    least 3 times), the median reported. Every timed run starts after a sync, so the writeback of an earlier
+    step's files does not land in it."""
+    disk = DiskPeak(work)
+    t0 = time.monotonic()
+    res = {"gb_requested": gb, "reps": reps, "noop_reps": max(reps, 3), "cache_dir": cache_dir, "rows": {}}
+    rows = res["rows"]
+    S, D, P = (os.path.join(work, x) for x in ("scale-src", "scale-dest", "scale-pull"))
+    out = os.path.join(work, "scale-out.tar")
+    try:
+        img = scale_image_in_child(src, scale_copies(src["size"], gb), cache_dir)
+        res["image"] = img
+        # every wharf command through RSS_HELPER: peak RSS of wharf, not at least this harness's; what the
+        # helper itself leaves as the smallest figure it can report (`true`), and what it would be without
+        wh = Wharf(wh.exe, exact=True)
+        res["floor_rss_kb"] = measure(["true"], exact=True)["rss_kb"]
+        res["harness_floor_rss_kb"] = measure(["true"])["rss_kb"]
+        path, size = img["path"], img["size"]
+        log(f"scale: {img['file']} ({size / 1e6:.0f} MB, {img['layers']} layers); {reps} runs of the cheap "
+            "figures")
+        measure(["cat", path])  # warm the page cache
+
+        def timed(key, short, label, fn, n, prep=None, rate="tar"):
+            runs = []
+            for _ in range(n):
+                if prep:
+                    prep()
+                os.sync()
+                runs.append(fn())
+            secs = median([r["secs"] for r in runs])
+            r = {"label": label, "short": short, "cmd": runs[-1]["cmd"], "runs": n, "secs": secs,
+                 "all_secs": [x["secs"] for x in runs], "cpu": median([x["cpu"] for x in runs]),
+                 "rss_kb": max(x["rss_kb"] for x in runs)}
+            rep = runs[-1].get("report")
+            if rep:
+                r["report"] = {k: rep[k] for k in SCALE_REPORT_KEYS if k in rep}
+            if rate == "tar":
+                r["MBps"] = size / 1e6 / secs
+            elif rate == "payload":
+                rates = [x["report"]["payload_bytes"] / 1e6 / max(x["report"]["seconds"], 1e-9) for x in runs]
+                r["MBps"] = median(rates)
+                r["all_MBps"] = rates
+                r["json_secs"] = median([x["report"]["seconds"] for x in runs])
+                r["wall_MBps"] = rep["payload_bytes"] / 1e6 / secs
+            rows[key] = r
+            log(f"  {label}: " + (f"{r['MBps']:.0f} MB/s, " if "MBps" in r else "")
+                + f"{secs:.2f} s (runs: {', '.join(f'{x:.2f}' for x in r['all_secs'])}), peak {r['rss_kb'] / 1024:.0f} MB")
+            return runs
+
+        wh.init(S)
+        a = timed("add_new", "add (new)", "`add` of new data into an empty store", lambda: wh.add(S, path, "big"), 1)
+        rows["add_new"]["store_growth"] = a[-1]["store_growth"]
+        res["store_bytes"] = tree_bytes(S)
+        timed("add_stored", "add (stored)", "`add` of the same tar under a new name (already stored)",
+              lambda: wh.add(S, path, "big2"), reps)
+        timed("extract_null", "extract -o -", "`extract -o -` to /dev/null", lambda: wh.extract(S, "big", "-"), reps)
+        timed("extract_file", "extract -o FILE", "`extract -o FILE` (same disk)", lambda: wh.extract(S, "big", out),
+              1, prep=lambda: rm(out))
+        res["extract_identical"] = sha256_file(out) == img["sha256"]
+        rm(out)
+        log(f"  extract -o FILE byte-identical: {res['extract_identical']}")
+        timed("push_new", "push (all new)", "`push` of all-new data into an empty local store",
+              lambda: wh.push(S, "big", D),
+              reps, prep=lambda: wh.init(D), rate="payload")
+        rep = rows["push_new"]["report"]
+        wire = rep["wire_bytes_out"] + rep["wire_bytes_in"]
+        res["push_wire_bytes"] = wire
+        res["push_wire_over_pct"] = 100 * (wire - rep["payload_bytes"]) / max(rep["payload_bytes"], 1)
+        log(f"  all-new push: wire {wire:,} B vs payload {rep['payload_bytes']:,} B "
+            f"({res['push_wire_over_pct']:+.2f} %)")
+        for key, short, label, extra in (
+                ("noop_push", "no-op push", "no-op `push` (the receiver holds it): `--as big-again`",
+                 ("--as", "big-again")),
+                ("noop_push_nodelta", "no-op push --no-deltas", "no-op `push --no-deltas`: `--as big-again-nd`",
+                 ("--as", "big-again-nd", "--no-deltas"))):
+            runs = timed(key, short, label, lambda: wh.push(S, "big", D, extra), res["noop_reps"], rate=None)
+            rows[key]["noop"] = all(x["report"]["chunks_sent"] == 0 and x["report"]["payload_bytes"] == 0
+                                    for x in runs)
+        rm(D)
+        timed("pull_new", "pull (all new)", "`pull` into an empty local store", lambda: wh.pull(P, S, "big"), reps,
+              prep=lambda: wh.init(P), rate="payload")
+    except (Failed, ValueError, KeyError, OSError) as e:  # a failure must not end the run
+        res["error"] = f"{type(e).__name__}: {e}" if not isinstance(e, Failed) else str(e)
+        log(f"  scale: FAILED: {res['error'][:300]}")
+    finally:
+        for x in (S, D, P, out):
+            rm(x)
+        res["scratch_peak_bytes"] = disk.done()
+        res["secs"] = time.monotonic() - t0
+    return res
 
 
 # ---------------------------------------------------------------- object store (Garage)
@@ -1430,6 +1755,8 @@ def report(R, out_md, png):
               f"{mb(gt['size'])} MB image.")
             a("")
 
+    scale_section(R, a)
+
     garage_section(R, a)
 
     extrapolation_section(R, a)
@@ -1530,6 +1857,33 @@ def report(R, out_md, png):
         a("wharf --quiet --store B/registry-deltas extract v2 -o - > OUT # timed; fresh cache; sha256(OUT) vs corpus.json")
         a("wharf --quiet --store B/registry-deltas extract v2 -o -       # timed; same cache (first scenario of a format)")
         a("wharf --quiet --store L12 extract v2 -o -                     # timed")
+        a("```")
+    sc = R.get("scale") or {}
+    if sc.get("rows"):
+        a("")
+        a(f"Scale section: BIG = the generated image (`{(sc.get('image') or {}).get('path', '?')}`; built by "
+          "`scale_image()` in run.py, size from `--scale-gb`), S, D and P stores in the scratch directory; a `sync` "
+          "before every timed command:")
+        a("")
+        a("```")
+        a("wharf --quiet --store S init")
+        a("wharf --quiet --store S add BIG --name big --json             # timed, 1 run: new data")
+        a("wharf --quiet --store S add BIG --name big2 --json            # timed, --reps runs: already stored")
+        a("wharf --quiet --store S extract big -o - > /dev/null          # timed, --reps runs")
+        a("wharf --quiet --store S extract big -o OUT                    # timed, 1 run; sha256(OUT) vs BIG's, OUT deleted")
+        a("wharf --quiet --store D init                                  # afresh before each run of the next line")
+        a("wharf --quiet --store S push big D --json                     # timed, --reps runs: all new; payload_bytes / seconds")
+        a("wharf --quiet --store S push big D --as big-again --json      # timed, max(--reps, 3) runs: no-op")
+        a("wharf --quiet --store S push big D --as big-again-nd --json --no-deltas   # the same without deltas")
+        a("wharf --quiet --store P init                                  # afresh before each run of the next line")
+        a("wharf --quiet --store P pull S big --json                     # timed, --reps runs")
+        a("```")
+        a("")
+        a("As run (last run of each):")
+        a("")
+        a("```")
+        for k, r in sc["rows"].items():
+            a(f"{r.get('short', k)}: {r['cmd']}")
         a("```")
     if R.get("notes"):
         a("")
@@ -2111,11 +2465,12 @@ def targets(R, a):
         if rss:
             rows.append(("peak RSS of wharf on the object store < 200 MB (add, push and pull with their `serve` "
                          "child, extract)", f"{max(rss) / 1024:.0f} MB", max(rss) / 1024 < 200))
+    rows += scale_targets(R)
     if not rows:
         return
     a("## Targets")
     a("")
-    a("The targets of the store, benchmark and delta-transfer (7) issues, checked against this run's figures "
+    a("The targets of the store, benchmark, delta-transfer (7) and scale issues, checked against this run's figures "
       "(times depend on the load noted above; the extract target cannot be met on 2 cores while every layer and "
       "the whole tar are SHA-256-verified: see the note on issue 2). Byte targets are checked on the formats where "
       "every peer ran.")
@@ -2125,6 +2480,151 @@ def targets(R, a):
     for t, got, ok in rows:
         a(f"| {t} | {got} | {'yes' if ok else '**no**'} |")
     a("")
+
+
+def scale_section(R, a):
+    sc = R.get("scale")
+    if not sc:
+        return
+    a("## Scale: one multi-GB image")
+    a("")
+    if sc.get("skipped"):
+        a(f"Not run: skipped: {sc['skipped']}.")
+        a("")
+        return
+    img = sc.get("image")
+    rows = sc.get("rows", {})
+    if img:
+        a(f"A {mb(img['size'], 1e9)} GB image (`{img['file']}`, {img['layers']} layers), built by `benches/run.py` "
+          f"from the corpus image `{img['source']}` ({mb(img['source_size'])} MB, {img['source_layers']} layers): "
+          f"{img['copies']} cop{'y' if img['copies'] == 1 else 'ies'} of each of its layer tars, where in copy c (1..{img['copies']}) every regular "
+          "file's content is XORed byte-wise with c and every other byte (tar headers, padding) is kept. The data "
+          "is therefore as compressible as the corpus's but no chunk of one copy recurs in another, so every byte "
+          "is new to an empty store. Legacy `docker save` layout (`<id>/layer.tar`, `json`, `VERSION`, config, "
+          "`manifest.json`, `repositories`, diff_ids true SHA-256s); the same bytes every run "
+          f"(sha256 {img['sha256'][:16]}…), kept in `{sc.get('cache_dir')}` between runs "
+          + (f"(built in {img['build_secs']:.0f} s this run)." if img.get("build_secs") else "(reused this run).")
+          + " Read from a warm page cache; a `sync` before every timed run.")
+        a("")
+    if sc.get("error"):
+        a(f"**Failed**: {sc['error'][:1500]}")
+        a("")
+    if not rows:
+        return
+    nproc = R["machine"].get("nproc", "?")
+    a(f"*MB/s* = image MB / wall s for add and extract, chunk payload MB / `seconds` (both from `--json`) for "
+      "push and pull (payload = the chunks' bytes as sent, compressed as stored, no protocol). *s* = wall "
+      "seconds, the median of the runs (all runs below the table). *peak MB* = peak RSS (ru_maxrss) of wharf "
+      "and the child it waited for: for push and pull into a local store that child is the other end, "
+      f"`wharf serve --stdio`, so both ends run on the same {nproc} cores and the larger of the two is shown. "
+      "Each wharf command is started from a small helper process (`RSS_HELPER` in run.py: `python3 -S -I`), "
+      f"whose own size is the smallest peak it can show ({rssmb(sc.get('floor_rss_kb'))} MB, what `true` shows); "
+      "started straight from this Python harness, as the other sections' commands are, every figure would be at "
+      f"least the harness's own peak ({rssmb(sc.get('harness_floor_rss_kb'))} MB now), because a child inherits "
+      "its parent's high-water mark through vfork and exec. "
+      "All transfers are between local directory stores over a pipe: loopback, no network.")
+    a("")
+    a("| operation | runs | MB/s | s | CPU s | peak MB | target | met |")
+    a("|---|---:|---:|---:|---:|---:|---|---|")
+    rss_t = f"peak < {SCALE_RSS_MB} MB"
+
+    def line(key, target, met, rate=True):
+        r = rows.get(key)
+        if not r:
+            return
+        a(f"| {r['label']} | {r['runs']} | " + (f"{r['MBps']:.0f}" if rate and r.get("MBps") else "–")
+          + f" | {sec(r['secs'])} | {sec(r['cpu'])} | {rssmb(r['rss_kb'])} | {target} | {met} |")
+
+    def rss_ok(key):
+        r = rows.get(key)
+        return yes(r["rss_kb"] / 1024 < SCALE_RSS_MB) if r else "n/a"
+
+    for key in ("add_new", "add_stored", "extract_null"):
+        line(key, rss_t, rss_ok(key))
+    if "extract_file" in rows:
+        line("extract_file", rss_t + "; byte-identical", rss_ok("extract_file") + "; byte-identical: "
+             + yes(sc.get("extract_identical")))
+    pn = rows.get("push_new")
+    if pn:
+        line("push_new", f">= {SCALE_PUSH_MBPS} MB/s of payload; {rss_t}",
+             f"MB/s: {yes(pn['MBps'] >= SCALE_PUSH_MBPS)}; RSS: {rss_ok('push_new')}")
+        rep = pn["report"]
+        over = sc.get("push_wire_over_pct")
+        a(f"| wire bytes of that push (out + in) against its payload | | | | | | within {SCALE_WIRE_PCT:g} %: "
+          f"{mb(sc.get('push_wire_bytes'))} MB against {mb(rep['payload_bytes'])} MB, {over:+.2f} % | "
+          f"{yes(abs(over) <= SCALE_WIRE_PCT)} |")
+    for key in ("noop_push", "noop_push_nodelta"):
+        r = rows.get(key)
+        if r:
+            line(key, f"< {SCALE_NOOP_S:g} s; nothing sent", f"{yes(r['secs'] < SCALE_NOOP_S)}; nothing sent: "
+                 f"{yes(r.get('noop'))}", rate=False)
+    if "pull_new" in rows:
+        line("pull_new", rss_t + " (no throughput target: shown beside the push)", rss_ok("pull_new"))
+    a("")
+    a("Every run, wall s: " + "; ".join(f"{r.get('short', r['label'])}: " + ", ".join(sec(x) for x in r["all_secs"])
+                                         for r in rows.values()) + ".")
+    a("")
+    an = rows.get("add_new")
+    if an:
+        ar = an.get("report", {})
+        a(f"The store after the add of new data: {mb(sc.get('store_bytes'))} MB for the {mb(img['size'])} MB image "
+          f"({pct(sc.get('store_bytes'), img['size'])}; `stored_bytes` {mb(ar.get('stored_bytes'))} MB, "
+          f"{ar.get('chunks', '?')} chunks, {ar.get('new_chunks', '?')} new).")
+        a("")
+    for key in ("push_new", "pull_new"):
+        r = rows.get(key)
+        if not r:
+            continue
+        rep = r["report"]
+        what = "push" if key == "push_new" else "pull"
+        a(f"All-new {what}: {mb(rep['payload_bytes'])} MB of payload in {rep['chunks_sent']} chunks "
+          f"(of {rep['chunks_total']}; {rep.get('delta_chunks', 0)} as deltas); `seconds` {sec(r['json_secs'])} "
+          f"(median), wall {sec(r['secs'])} s, so {r['wall_MBps']:.0f} MB/s of payload per wall second and "
+          f"{rep.get('image_bytes', img['size']) / 1e6 / r['json_secs']:.0f} MB/s of image; wire "
+          f"{mb(rep['wire_bytes_out'])} MB out, {mb(rep['wire_bytes_in'])} MB in. CPU: {sec(r['cpu'])} s of both "
+          f"ends (median) over {sec(r['secs'])} s wall, {r['cpu'] / (rep['payload_bytes'] / 1e9):.1f} CPU-s per GB of "
+          f"payload: even with all {nproc} cores busy the whole time that cost alone allows at most "
+          f"{(nproc if isinstance(nproc, int) else 1) * rep['payload_bytes'] / 1e6 / max(r['cpu'], 1e-9):.0f} MB/s "
+          "of payload here.")
+        a("")
+    a(f"Scratch disk: peak {mb(sc.get('scratch_peak_bytes'), 1e9)} GB in the work directory during this section "
+      f"(the stores and the extracted file, sampled once a second), besides the {mb(img['size'], 1e9) if img else '?'} "
+      "GB image in the cache directory. The section took "
+      f"{sc.get('secs', 0) / 60:.1f} min.")
+    a("")
+
+
+def scale_targets(R):
+    """Rows for targets(): the scale issue's four targets, from the scale section's figures."""
+    sc = R.get("scale") or {}
+    rows = sc.get("rows") or {}
+    if not rows:
+        return []
+    gb = f"{mb(sc['image']['size'], 1e9)} GB" if sc.get("image") else "multi-GB"
+    out = []
+    nd = [rows[k] for k in ("noop_push", "noop_push_nodelta") if k in rows]
+    if nd:
+        out.append((f"no-op push of a multi-GB image ({gb}, the receiver holds it) < {SCALE_NOOP_S:g} s",
+                    "; ".join(f"{sec(r['secs'])} s {'(--no-deltas)' if 'nodelta' in k else '(deltas, the default)'}"
+                              for k, r in rows.items() if k.startswith("noop")) + f", median of {nd[0]['runs']}",
+                    all(r["secs"] < SCALE_NOOP_S and r.get("noop") for r in nd)))
+    pn = rows.get("push_new")
+    if pn:
+        out.append((f"push of all-new data ({gb} image, loopback) >= {SCALE_PUSH_MBPS} MB/s of payload",
+                    f"{pn['MBps']:.0f} MB/s ({mb(pn['report']['payload_bytes'])} MB in {sec(pn['json_secs'])} s, "
+                    f"median of {pn['runs']})", pn["MBps"] >= SCALE_PUSH_MBPS))
+        over = sc.get("push_wire_over_pct")
+        out.append((f"wire bytes (out + in) of that push within {SCALE_WIRE_PCT:g} % of its payload",
+                    f"{over:+.2f} % ({sc['push_wire_bytes']:,} B against {pn['report']['payload_bytes']:,} B)",
+                    abs(over) <= SCALE_WIRE_PCT))
+    rss = [(r.get("short", k), r["rss_kb"]) for k, r in rows.items() if r.get("rss_kb")]
+    if rss:
+        top = max(rss, key=lambda x: x[1])
+        out.append((f"peak RSS < {SCALE_RSS_MB} MB on the {gb} image (add, extract, push with its child; pull too)",
+                    f"{top[1] / 1024:.0f} MB at most ({top[0]}); "
+                    + ", ".join(f"{r.get('short', k)} {r['rss_kb'] / 1024:.0f}" for k, r in rows.items()),
+                    top[1] / 1024 < SCALE_RSS_MB))
+    return out
 
 
 def other_txt(R, x):
@@ -2323,11 +2823,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tier", choices=list(TIERS), default="small")
     ap.add_argument("--corpus", default=os.environ.get("WHARF_CORPUS_DIR", "/var/tmp/wharf-corpus"))
-    ap.add_argument("--out", help="default benches/RESULTS.md (with --only garage: benches/RESULTS-garage.md)")
-    ap.add_argument("--only", choices=["wharf", "peers", "garage", "all"], default="all",
-                    help="wharf: store figures, throughput, chunk study and the object-store (Garage) figures; "
-                         "peers: the peer tools only; garage: the object-store figures only, written to "
-                         "RESULTS-garage.md and results-garage.json (RESULTS.md and results.json are left alone)")
+    ap.add_argument("--out", help="default benches/RESULTS.md (with --only garage / scale: benches/RESULTS-garage.md / "
+                                  "RESULTS-scale.md)")
+    ap.add_argument("--only", choices=["wharf", "peers", "garage", "scale", "all"], default="all",
+                    help="wharf: store figures, throughput, the scale section, chunk study and the object-store "
+                         "(Garage) figures; peers: the peer tools only; garage: the object-store figures only, written "
+                         "to RESULTS-garage.md and results-garage.json; scale: the multi-GB image figures only, "
+                         "written to RESULTS-scale.md and results-scale.json (with garage and scale, RESULTS.md and "
+                         "results.json are left alone)")
     ap.add_argument("--scenarios", default="all", help="comma list, or all")
     ap.add_argument("--formats", default="all", help="comma list, or all (the tier's formats)")
     ap.add_argument("--peer-formats", default="legacy,oci-gzip-pigz",
@@ -2347,6 +2850,13 @@ def main():
     ap.add_argument("--garage-formats", default="legacy,oci",
                     help="formats the object-store figures run on (those of the run's formats in this list); "
                          "comma list or all")
+    ap.add_argument("--no-scale", action="store_true", help="skip the scale section (one multi-GB image)")
+    ap.add_argument("--scale-gb", type=float, default=3.0,
+                    help="size of the scale section's generated image in GB (a whole number of copies of the corpus "
+                         "v1 image's layers, the nearest to this)")
+    ap.add_argument("--scale-cache",
+                    help="where the scale image is kept between runs (default: the --work directory's name + "
+                         "'-cache', e.g. /var/tmp/wharf-bench-cache); must be outside the repository and --work")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of each throughput figure")
     ap.add_argument("--work", default=os.environ.get("WHARF_BENCH_WORK", "/var/tmp/wharf-bench"),
                     help="scratch directory (stores, repos, deltas); emptied at start and end")
@@ -2358,11 +2868,12 @@ def main():
                     help="rewrite RESULTS.md and bytes.png from results.json without measuring")
     args = ap.parse_args()
 
-    garage_only = args.only == "garage"
-    out_md = os.path.abspath(args.out or os.path.join(HERE, "RESULTS-garage.md" if garage_only else "RESULTS.md"))
-    # --only garage keeps its own files: the full run's RESULTS.md, results.json and bytes.png stay as they are.
-    png = None if garage_only else os.path.join(os.path.dirname(out_md), "bytes.png")
-    raw = os.path.join(os.path.dirname(out_md), "results-garage.json" if garage_only else "results.json")
+    # --only garage / --only scale keep their own files: the full run's RESULTS.md, results.json and bytes.png
+    # stay as they are.
+    partial = args.only if args.only in ("garage", "scale") else None
+    out_md = os.path.abspath(args.out or os.path.join(HERE, f"RESULTS-{partial}.md" if partial else "RESULTS.md"))
+    png = None if partial else os.path.join(os.path.dirname(out_md), "bytes.png")
+    raw = os.path.join(os.path.dirname(out_md), f"results-{partial}.json" if partial else "results.json")
     os.makedirs(os.path.dirname(out_md), exist_ok=True)
     if args.report_only:
         with open(raw) as f:
@@ -2384,15 +2895,22 @@ def main():
     do_peers = args.only in ("peers", "all") and not args.quick
     do_chunks = do_wharf and not args.quick
     do_garage = args.only in ("wharf", "garage", "all")
+    do_scale = args.only in ("wharf", "scale", "all")
+    # the scale image is built from the v1 of a format with uncompressed layers (legacy if the run has it)
+    scale_fmt = next((f for f in ["legacy"] + formats if f in formats and "gzip" not in f), None)
     garage_formats = [f for f in formats if args.garage_formats == "all" or f in args.garage_formats.split(",")]
 
     work = os.path.abspath(args.work)
     if os.path.commonpath([work, REPO]) == REPO:
         raise SystemExit("--work must be outside the repository")
+    scale_cache = os.path.abspath(args.scale_cache or work + "-cache")
+    if do_scale and (os.path.commonpath([scale_cache, REPO]) == REPO
+                     or os.path.commonpath([scale_cache, work]) in (work, scale_cache)):
+        raise SystemExit("--scale-cache must be outside the repository and outside --work (which is emptied)")
     fresh_dir(work)
     disk = DiskPeak(work)
     tools = Tools(not args.no_install)
-    for c in ([] if garage_only else LIMIT_TOOLS + ["gnuplot"]) + (PEER_TOOLS if do_peers else []):
+    for c in ([] if partial else LIMIT_TOOLS + ["gnuplot"]) + (PEER_TOOLS if do_peers else []):
         tools.have(c)
 
     R = {"command": "python3 benches/run.py " + q(sys.argv[1:]) if sys.argv[1:] else "python3 benches/run.py",
@@ -2401,7 +2919,13 @@ def main():
          "formats": formats, "scenarios": scenarios, "sections": [], "notes": [], "work": work,
          "reps": args.reps, "section_loads": {}}
     R["command"] = R["command"].replace("python3 benches/run.py ", "python3 benches/run.py ", 1)
-    pairs = load_corpus(R["corpus"], args.tier, formats, scenarios, not args.no_build_corpus)
+    if partial == "scale":  # only the scale image's source is needed
+        if not scale_fmt:
+            raise SystemExit(f"--only scale needs a format with uncompressed layers among {formats}")
+        R["formats"], R["scenarios"] = [scale_fmt], scenarios[:1]
+        pairs = load_corpus(R["corpus"], args.tier, [scale_fmt], scenarios[:1], not args.no_build_corpus)
+    else:
+        pairs = load_corpus(R["corpus"], args.tier, formats, scenarios, not args.no_build_corpus)
     for v1, v2 in pairs.values():
         for e in (v1, v2):
             e["path"] = os.path.join(R["corpus"], e["file"])
@@ -2460,6 +2984,17 @@ def main():
             if gz:
                 R["gzip_throughput"] = bench_gzip_throughput(wh, tools, pairs[(gz[0], scenarios[0])][0], work)
             save()
+        if do_scale:
+            why = ("--no-scale" if args.no_scale else
+                   f"no format with uncompressed layers among {', '.join(formats)}" if not scale_fmt else None)
+            if why:
+                log(f"scale: skipped: {why}")
+                R["scale"] = {"skipped": why}
+            else:
+                section("scale: one multi-GB image")
+                R["scale"] = bench_scale(wh, pairs[(scale_fmt, scenarios[0])][0], work, args.reps, args.scale_gb,
+                                         scale_cache)
+            save()
         if do_chunks:
             fmt = "legacy" if "legacy" in formats else formats[0]
             section("chunk-size study")
@@ -2494,9 +3029,10 @@ def main():
                               "pass --zstd19 to include it")
         if args.quick:
             R["notes"].append("--quick: peers and the chunk-size study skipped")
-        if garage_only:
-            R["notes"].append("--only garage: only the object-store section ran (benches/RESULTS.md holds the last "
-                              "full run)")
+        if partial:
+            R["notes"].append(f"--only {partial}: only the "
+                              + ("object-store" if partial == "garage" else "scale") + " section ran "
+                              "(benches/RESULTS.md holds the last full run)")
         else:
             R["notes"].append(
                 "Byte repeatability: every byte figure comes from the same corpus bytes and deterministic settings "
