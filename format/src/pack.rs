@@ -482,6 +482,27 @@ pub fn check_entry(mut buf: Vec<u8>, id: &ChunkId, loc: &Location) -> Result<Vec
             start
         )));
     }
+    // The lengths are redundant with the index, but a pack must stay
+    // readable on its own (verify, index rebuilds): a damaged header is
+    // damage, even where the index alone would let the chunk be read.
+    let le = |r: std::ops::Range<usize>| {
+        u32::from_le_bytes([
+            buf[r.start],
+            buf[r.start + 1],
+            buf[r.start + 2],
+            buf[r.start + 3],
+        ])
+    };
+    let (raw_len, stored_len) = (le(32..36), le(36..40));
+    if raw_len != loc.raw_len || stored_len != loc.stored_len {
+        return Err(Error::Corrupt(format!(
+            "pack {} at offset {}: entry header of chunk {id} gives lengths {raw_len}/{stored_len}, the index {}/{}",
+            loc.pack.name(),
+            start,
+            loc.raw_len,
+            loc.stored_len
+        )));
+    }
     buf.drain(..PACK_ENTRY_HEADER_LEN as usize);
     Ok(buf)
 }

@@ -77,10 +77,21 @@ fn flipped_byte_in_a_pack_is_found_and_named() {
 fn extract_to_file_leaves_nothing_on_failure() {
     let (d, store) = new_store();
     add(&store, "x", &image(Version::V1, 2));
+    // Damage the largest entry of every pack, in the middle of its data:
+    // file contents, which extract must read. (A pack's last bytes, where
+    // this test once flipped a bit, may belong to a block map, which
+    // extract does not need and only `verify` reads.)
     for p in pack_paths(&store) {
         let mut bytes = std::fs::read(&p).unwrap();
-        let n = bytes.len();
-        bytes[n - 10] ^= 1;
+        let (mut at, mut largest, mut best) = (16usize, 0usize, None);
+        while at + 40 <= bytes.len() {
+            let stored = u32::from_le_bytes(bytes[at + 36..at + 40].try_into().unwrap()) as usize;
+            if stored > largest {
+                (largest, best) = (stored, Some(at + 40 + stored / 2));
+            }
+            at += 40 + stored;
+        }
+        bytes[best.expect("a pack with an entry")] ^= 1;
         std::fs::write(&p, &bytes).unwrap();
     }
     let out = d.path().join("out.tar");
@@ -92,6 +103,28 @@ fn extract_to_file_leaves_nothing_on_failure() {
         .filter(|e| e.file_name().to_string_lossy().contains(".part"))
         .collect();
     assert!(leftovers.is_empty(), "temporary file left: {leftovers:?}");
+}
+
+/// A pack entry's header repeats the lengths the index gives; a header
+/// that disagrees is damage, reported by extract and verify, even though
+/// the index alone would still find the chunk's bytes.
+#[test]
+fn a_damaged_entry_header_is_reported() {
+    let (_d, store) = new_store();
+    let img = image(Version::V1, 3);
+    add(&store, "x", &img);
+    let p = pack_paths(&store)
+        .into_iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = std::fs::read(&p).unwrap();
+    // The first entry's raw length, top byte: the chunk's data is untouched.
+    bytes[16 + 35] ^= 0x01;
+    std::fs::write(&p, &bytes).unwrap();
+    let err = wharf_format::extract::extract_to_vec(&store, "x").unwrap_err();
+    assert!(err.to_string().contains("entry header"), "{err}");
+    let rep = maintenance::verify(&store, true).unwrap();
+    assert!(!rep.errors.is_empty(), "verify --full found nothing");
 }
 
 #[test]
