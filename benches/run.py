@@ -1757,6 +1757,8 @@ def report(R, out_md, png):
 
     scale_section(R, a)
 
+    go_gzip_section(a)
+
     garage_section(R, a)
 
     extrapolation_section(R, a)
@@ -1973,6 +1975,44 @@ def transfer_section(R, a):
             continue
         seen.add(p["format"])
         a(f"| {p['format']} | {mb(v['bytes'])} | {sec(v['secs'])} | {rssmb(v['rss_kb'])} | {mb(v['receiver_bytes'])} |")
+    a("")
+
+
+def go_gzip_section(a):
+    """gzip layers made by Go's compress/gzip, from benches/results-go-gzip.json (benches/go_gzip.py)."""
+    path = os.path.join(HERE, "results-go-gzip.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        G = json.load(f)
+    a("## gzip layers made by Go")
+    a("")
+    a(f"Measured by `{G['command']}` on {G['generated']} ({G['go']}), not by this run: each layer tar of "
+      f"`{G['source']}` compressed by Go's `compress/gzip` (what Docker, containerd and BuildKit use) at the "
+      "level given, the blobs added to a fresh store as members of one archive, and `wharf info --json` read "
+      "back. *recon* = the reconstruction data wharf keeps beside the plaintext to rebuild the exact gzip "
+      "bytes; *raw* = stored as the compressed bytes (no dedup with other versions), with preflate's reason. "
+      "Extract rebuilt every archive byte-identically where the last column says so.")
+    a("")
+    a("| Go level | layer MB (gzip) | plaintext MB | stored as | recon bytes | recon / gzip | add s | extract s | byte-identical |")
+    a("|---|---:|---:|---|---:|---:|---:|---:|---|")
+    for r in G["rows"]:
+        for i, l in enumerate(r["layers"]):
+            how = l["method"] if l["method"] != "raw" else f"raw ({l.get('reason') or '?'})"
+            recon = l.get("recon")
+            share = f"{100 * recon / l['compressed']:.2f} %" if recon is not None else "–"
+            tail = (f"{r['add_s']:.1f} | {r['extract_s']:.1f} | {yes(r['byte_identical'])}" if i == 0
+                    else " | | ")
+            a(f"| {r['level'] if i == 0 else ''} | {mb(l['compressed'])} | "
+              f"{mb(l['plain']) if l.get('plain') else '–'} | {how} | "
+              f"{recon if recon is not None else '–'} | {share} | {tail} |")
+    a("")
+    a("Times are for the whole archive (all its layers), one run, taken at low priority beside another "
+      "benchmark (indicative only). wharf uses preflate-rs 0.7.6 with one fix "
+      "(vendor/preflate-rs/WHARF.md): stock 0.7.6 rejects the one-code Huffman trees Go writes; with it, 5 of "
+      "these 6 layers fell back to raw. A layer that still falls back with `NoMoreMatchesFound` needs preflate's "
+      "hash-chain depth cap (4,096) raised, which ../shared/notes/gzip-layers.md measured as working but slow; "
+      "not done.")
     a("")
 
 
