@@ -727,12 +727,24 @@ impl Ingester<'_> {
                 Err(reason) => reason,
             },
         };
-        // Fallback: exactly the raw node the member would have been.
+        self.raw_from_spool(&spool.path, "gzip", &reason, depth)
+    }
+
+    /// The fallback for a compressed member: exactly the raw node it would
+    /// have been, its bytes read back from the spool, and why (at depth 1,
+    /// where `info` shows it).
+    fn raw_from_spool(
+        &mut self,
+        spool: &std::path::Path,
+        format: &str,
+        reason: &str,
+        depth: u32,
+    ) -> Result<NodeBody> {
         let mut data = DataStream::new(self.params);
-        let mut f = std::fs::File::open(&spool.path).map_err(Error::Stream)?;
+        let mut f = std::fs::File::open(spool).map_err(Error::Stream)?;
         copy_rest(&mut f, &mut |b| data.push(self.w, b))?;
         if depth == 1 {
-            self.compression = Some(Compression::raw("gzip", &reason));
+            self.compression = Some(Compression::raw(format, reason));
         }
         Ok(NodeBody::Raw {
             data: data.finish(self.w)?,
@@ -833,15 +845,7 @@ impl Ingester<'_> {
                 }
             }
         };
-        let mut data = DataStream::new(self.params);
-        let mut f = std::fs::File::open(&spool.path).map_err(Error::Stream)?;
-        copy_rest(&mut f, &mut |b| data.push(self.w, b))?;
-        if depth == 1 {
-            self.compression = Some(Compression::raw("zstd", &reason));
-        }
-        Ok(NodeBody::Raw {
-            data: data.finish(self.w)?,
-        })
+        self.raw_from_spool(&spool.path, "zstd", &reason, depth)
     }
 }
 
