@@ -15,12 +15,13 @@ benches/garage.py; the scale figures build a multi-GB image from the corpus.
 
 Python 3.11, standard library only. External tools (zstd, b3sum, openssl, gzip,
 xdelta3, rsync, casync, borg, restic, gnuplot) are installed with apt-get when
-missing and the harness runs as root; a tool that cannot be had is reported as
-"not available".
+missing and the harness runs as root; bita is installed with `cargo install` into
+a cache (BITA_ROOT); a tool that cannot be had is reported as "not available".
 """
 
 import argparse
 import hashlib
+import http.server
 import io
 import json
 import os
@@ -45,10 +46,14 @@ T0 = time.monotonic()
 APT = {
     "zstd": "zstd", "b3sum": "b3sum", "openssl": "openssl", "gzip": "gzip",
     "xdelta3": "xdelta3", "rsync": "rsync", "casync": "casync", "borg": "borgbackup",
-    "restic": "restic", "gnuplot": "gnuplot-nox", "cargo": None,
+    "restic": "restic", "gnuplot": "gnuplot-nox", "cargo": None, "bita": None,
 }
 LIMIT_TOOLS = ["zstd", "b3sum", "openssl"]
-PEER_TOOLS = ["zstd", "gzip", "xdelta3", "rsync", "casync", "borg", "restic"]
+PEER_TOOLS = ["zstd", "gzip", "xdelta3", "rsync", "casync", "borg", "restic", "bita"]
+# bita (crates.io) is not packaged by Debian: when missing, `cargo install --locked` builds this version into
+# BITA_ROOT (bin/bita), which later runs reuse. About 10 minutes on 2 cores, once.
+BITA_VERSION = "0.15.0"
+BITA_ROOT = os.environ.get("WHARF_BITA_ROOT") or os.path.expanduser("~/.cache/wharf-bench/bita")
 
 TIERS = {
     "small": {"formats": ["legacy", "oci", "oci-gzip-py", "oci-gzip-pigz"],
@@ -279,11 +284,15 @@ def load():
 class Tools:
     def __init__(self, install):
         self.install = install and os.geteuid() == 0
+        self.cargo_install = bool(install)   # cargo install --root needs no root
         self.why_not = "" if self.install else (" (--no-install)" if install is False else " (not root: cannot apt-get install)")
         self.updated = False
         self.notes = {}
+        self.bita_found = False
 
     def have(self, cmd):
+        if cmd == "bita":
+            return self.have_bita()
         if shutil.which(cmd):
             return True
         if cmd in self.notes:
@@ -310,6 +319,56 @@ class Tools:
             return True
         self.notes[cmd] = f"{cmd} not available" + self.why_not
         return False
+
+    def have_bita(self):
+        """bita BITA_VERSION: BITA_ROOT/bin/bita, installed there with cargo when missing (or of another version),
+        else a bita already on PATH (whatever its version: RESULTS.md states it). BITA_ROOT/bin goes first on PATH."""
+        if "bita" in self.notes:
+            return False
+        if self.bita_found:
+            return True
+        exe = os.path.join(BITA_ROOT, "bin", "bita")
+        why = ""
+        if self.bita_version(exe) != BITA_VERSION:
+            if not self.cargo_install:
+                why = f"; not installed into {BITA_ROOT} (--no-install)"
+            elif not shutil.which("cargo"):
+                why = f"; cargo not found, so not installed into {BITA_ROOT}"
+            else:
+                log(f"installing bita {BITA_VERSION} from crates.io into {BITA_ROOT} "
+                    "(cargo install --locked; a few minutes on 2 cores, once)")
+                os.makedirs(os.path.dirname(BITA_ROOT), exist_ok=True)
+                # a target dir of its own (never a CARGO_TARGET_DIR from the environment), removed afterwards
+                build = tempfile.mkdtemp(prefix="bita-build-", dir=os.path.dirname(BITA_ROOT))
+                try:
+                    p = subprocess.run(["cargo", "install", "--locked", "--quiet", "--version", BITA_VERSION,
+                                        "--root", BITA_ROOT, "bita"], env=dict(os.environ, CARGO_TARGET_DIR=build),
+                                       stdin=subprocess.DEVNULL, capture_output=True, text=True)
+                finally:
+                    rm(build)
+                if p.returncode != 0:
+                    why = f"; cargo install bita {BITA_VERSION} failed: {p.stderr.strip()[-300:]}"
+                    log(f"bita: cargo install failed: {p.stderr.strip()[-600:]}")
+        if self.bita_version(exe):
+            os.environ["PATH"] = os.path.dirname(exe) + os.pathsep + os.environ.get("PATH", "")
+            self.bita_found = True
+            return True
+        if shutil.which("bita"):   # another version on PATH: better than none; its version is reported
+            self.bita_found = True
+            return True
+        self.notes["bita"] = f"bita not available{why}"
+        return False
+
+    @staticmethod
+    def bita_version(exe):
+        if not os.path.isfile(exe):
+            return None
+        try:
+            p = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        m = re.search(r"(\d+\.\d+\.\d+)", p.stdout)
+        return m.group(1) if p.returncode == 0 and m else None
 
     def version(self, cmd):
         if not shutil.which(cmd):
@@ -1320,6 +1379,129 @@ class LayerGzip:
         return v
 
 
+class RangeServer:
+    """Serves one file over HTTP/1.1 on 127.0.0.1, as any static web server does (GET, HEAD, single byte ranges:
+    what bita's reader sends), and counts what crosses the socket: requests, body bytes sent (`body`), header bytes
+    sent (`head_out`) and request bytes received (`req_in`). Use as a context manager; `url` is the file's URL."""
+
+    def __init__(self, path):
+        self.path, self.size = path, os.path.getsize(path)
+        self.stats = {"requests": 0, "body": 0, "head_out": 0, "req_in": 0, "ranges": 0}
+        self.lock = threading.Lock()
+        srv = self
+
+        class Counting:
+            def __init__(self, f, key):
+                self.f, self.key = f, key
+
+            def add(self, n):
+                with srv.lock:
+                    srv.stats[self.key] += n
+
+            def readline(self, *a):
+                b = self.f.readline(*a)
+                self.add(len(b))
+                return b
+
+            def read(self, *a):
+                b = self.f.read(*a)
+                self.add(len(b))
+                return b
+
+            def write(self, b):
+                n = self.f.write(b)
+                self.add(len(b))
+                return n
+
+            def __getattr__(self, name):   # flush, close, closed, ...
+                return getattr(self.f, name)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            # headers and body go out in separate writes: with Nagle's algorithm on, each response waits for the
+            # client's delayed ACK (~40 ms; 28 s instead of 4 s for ~800 range requests on legacy/rebuild)
+            disable_nagle_algorithm = True
+
+            def setup(self):
+                super().setup()
+                self.rfile = Counting(self.rfile, "req_in")
+                self.wfile = Counting(self.wfile, "head_out")   # body bytes are moved to "body" as they are sent
+
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self.serve(False)
+
+            def do_GET(self):
+                self.serve(True)
+
+            def serve(self, body):
+                with srv.lock:
+                    srv.stats["requests"] += 1
+                start, end, code = 0, srv.size - 1, 200
+                m = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", "").strip())
+                if m and (m.group(1) or m.group(2)):
+                    if m.group(1):
+                        start = int(m.group(1))
+                        end = min(int(m.group(2)), srv.size - 1) if m.group(2) else srv.size - 1
+                    else:   # suffix range: the last N bytes
+                        start = max(0, srv.size - int(m.group(2)))
+                    if start > end or start >= srv.size:
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{srv.size}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    code = 206
+                    with srv.lock:
+                        srv.stats["ranges"] += 1
+                n = end - start + 1
+                self.send_response(code)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Accept-Ranges", "bytes")
+                if code == 206:
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{srv.size}")
+                self.send_header("Content-Length", str(n))
+                self.end_headers()
+                if not body:
+                    return
+                with open(srv.path, "rb") as f:
+                    f.seek(start)
+                    while n > 0:
+                        b = f.read(min(n, 1 << 20))
+                        if not b:
+                            break
+                        self.wfile.f.write(b)
+                        with srv.lock:
+                            srv.stats["body"] += len(b)
+                        n -= len(b)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/{os.path.basename(path)}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+def bita_header_bytes(cba):
+    """Bytes of a bita archive's header as `bita clone` reads it before any chunk: magic and dictionary size (14),
+    the protobuf dictionary, chunk data offset (8) and header checksum (64) (bitar's header.rs)."""
+    with open(cba, "rb") as f:
+        pre = f.read(14)
+    if pre[:6] != b"BITA1\0":
+        raise Failed(f"{cba}: not a bita archive")
+    return 14 + int.from_bytes(pre[6:14], "little") + 8 + 64
+
+
 def peer_rows(pair, tools, work, cheap_only, zstd19, lg):
     v1, v2 = pair
     p1, p2 = v1["path"], v2["path"]
@@ -1507,6 +1689,48 @@ def peer_rows(pair, tools, work, cheap_only, zstd19, lg):
                 "note": f"data/ growth (compressed); data_added {summ['data_added'] / 1e6:.1f} MB uncompressed"}
     row("restic", restic,
         "restic init --from-repo benches/restic-template --copy-chunker-params; restic backup V1; restic backup --json V2 (data/ growth; data_added); restic dump SNAP V2")
+
+    def bita():
+        need("bita")
+        cba = os.path.join(work, "v2.cba")
+        for x in (cba, out):
+            rm(x)
+        # bita's defaults: RollSum chunker, 64 KiB average chunk (16 KiB min, 16 MiB max), brotli level 6. The
+        # archive holds every distinct chunk of V2; the sender needs no V1.
+        a = measure(["bita", "compress", "-i", p2, cba], exact=True)
+        size, head = os.path.getsize(cba), bita_header_bytes(cba)
+        # The receiver fetches the archive over HTTP, as bita is meant to be used, from a static server on the
+        # loopback that counts the bytes it sends: the header and dictionary, then the chunks not found in V1.
+        with RangeServer(cba) as srv:
+            b = measure(["bita", "clone", "--seed", p1, srv.url, out], stdout="capture", exact=True,
+                        env={"NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"})
+        st = srv.stats
+        ok = check()
+        rm(cba)
+        # bita's own account: "Fetched 53.6 MiB (56191078 bytes) from archive ...", "Used ... (N bytes) bytes from
+        # SEED": the chunk bytes it read, which with the header must make what the server sent
+        got = re.search(r"Fetched .*?\((\d+) bytes\) from archive", b["out"])
+        seed = re.search(r"Used .*?\((\d+) bytes\) bytes from", b["out"])
+        chunks = st["body"] - head
+        said = "bita's log: no byte count found"
+        if got:
+            said = (f"bita's log agrees: {int(got.group(1)):,} B of chunks" if int(got.group(1)) == chunks else
+                    f"**bita's log says {int(got.group(1)):,} B of chunks, the server sent {chunks:,}**")
+        return {"bytes": st["body"], "ingest_secs": a["secs"], "rebuild_secs": b["secs"],
+                "ingest_rss_kb": a["rss_kb"], "rebuild_rss_kb": b["rss_kb"], "identical": ok,
+                "http_requests": st["requests"], "http_overhead": st["head_out"] + st["req_in"],
+                "header_bytes": head, "chunk_bytes": chunks, "archive_bytes": size,
+                "logged_chunk_bytes": int(got.group(1)) if got else None,
+                "seed_bytes": int(seed.group(1)) if seed else None,
+                "note": f"sent over HTTP: header + dictionary {mb(head)} MB, chunks {mb(chunks)} MB in "
+                        f"{st['requests']} requests ({said}); HTTP headers both ways, not counted: "
+                        f"{st['head_out'] + st['req_in']:,} B; "
+                        + (f"{mb(int(seed.group(1)))} MB of v2 found in v1; " if seed else "")
+                        + f"archive {mb(size)} MB (brotli -6, 64 KiB avg)"}
+    row("bita", bita,
+        f"bita {BITA_VERSION} (cargo install bita --locked), defaults: bita compress -i V2 v2.cba; "
+        "bita clone --seed V1 http://127.0.0.1:PORT/v2.cba OUT (v2.cba served by a static range server in the "
+        "harness; bytes = body bytes it sent)")
     return rows
 
 
@@ -2443,7 +2667,8 @@ def targets(R, a):
             if peers:
                 worst = min(peers, key=lambda x: x[1])
                 rows.append((f"{fmt}/{s}: wharf store (new chunks) fewer bytes than every chunking peer and rsync",
-                             f"wharf store {mb(w)} MB, best of them {worst[0]} {mb(worst[1])} MB", w < worst[1]))
+                             f"wharf store {mb(w)} MB, best of {', '.join(t for t, _ in peers)}: {worst[0]} "
+                             f"{mb(worst[1])} MB", w < worst[1]))
             reg = bytes_for(R, fmt, s, "registry layer reuse")
             if s == "rebuild" and reg:
                 rows.append((f"{fmt}/rebuild: wharf store (new chunks) >= 10x fewer bytes than registry layer reuse",
@@ -3003,7 +3228,7 @@ def main():
         R["load_end"] = list(load())
         R["tool_versions"] = {c: tools.version(c) for c in
                               ["zstd", "b3sum", "openssl", "gzip", "xdelta3", "rsync", "casync", "borg", "restic",
-                               "gnuplot"] if shutil.which(c) or c in tools.notes}
+                               "bita", "gnuplot"] if shutil.which(c) or c in tools.notes}
         R["notes"] = sorted(set(R["notes"]) | set(tools.notes.values()))
         R["work_peak_bytes"] = disk.peak
         with open(raw, "w") as f:
