@@ -4,8 +4,19 @@ use std::fmt;
 
 /// The BLAKE3 hash of a chunk's uncompressed bytes; the name of every object
 /// in the store.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct ChunkId(pub [u8; 32]);
+
+/// Hash maps and sets of ids hash the first 8 bytes only: the id is already
+/// a BLAKE3 hash, so those are as well mixed as all 32, and SipHash over 8
+/// bytes costs a third of SipHash over 32 (it showed up at 3 % of a delta
+/// push's CPU). Ids that share 8 bytes still compare unequal, so at worst
+/// they share a bucket; making many of them would take 2^64 work apiece.
+impl std::hash::Hash for ChunkId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.prefix_u64());
+    }
+}
 
 impl ChunkId {
     pub fn of(bytes: &[u8]) -> Self {

@@ -800,10 +800,16 @@ impl DeltaPlanner {
                 let m = &self.mappings[*mapping];
                 let (a, b) = (*off, off + target.len() as u64);
                 let anchored = m.refs(m.anchored(a, b));
+                // Headers matched by path leave the blind guess nothing
+                // to find: on the small corpus it saved under 0.1 % of the
+                // skeleton deltas' bytes, at a base ten times the chunk's.
+                let skip_blind = !anchored.is_empty() && m.kind == StreamKind::Skeleton;
                 if !anchored.is_empty() {
                     cands.push(anchored);
                 }
-                cands.push(m.refs(m.blind(a, b)));
+                if !skip_blind {
+                    cands.push(m.refs(m.blind(a, b)));
+                }
             }
         }
         let mut best: Option<(Vec<BaseRef>, Vec<u8>)> = None;
