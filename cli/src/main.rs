@@ -267,8 +267,8 @@ struct DeltaArgs {
     #[arg(long)]
     no_deltas: bool,
     /// zstd level for deltas of file contents: higher finds smaller deltas at more CPU on the
-    /// sender (9: about twice the CPU of 1 for 3-10 % fewer bytes). Tar headers get their own
-    /// settings below 16.
+    /// sender. Below 9, a delta over a quarter of its chunk's stored size is tried again at 9.
+    /// Tar headers get their own settings below 16.
     #[arg(long, default_value_t = wharf_format::similar::DEFAULT_LEVEL,
           value_parser = clap::value_parser!(i32).range(1..=22))]
     delta_level: i32,

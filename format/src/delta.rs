@@ -203,10 +203,9 @@ fn window_log(base: &[u8], target: &[u8]) -> u32 {
 /// to 4 (zstd's `fast` and `dfast` strategies) with hash tables of a
 /// quarter of the window, one slot per four bytes of base, where zstd's
 /// default for those levels (2^13 to 2^16 slots, made for streams that
-/// forget their past) would let most of the base go unindexed. Measured on
-/// the small corpus against level 9: 3 to 10 % more delta bytes, at about
-/// half the sender CPU (level 9's row hash inserts every position of the
-/// base with a lazy search behind it). Other levels use zstd's parameters.
+/// forget their past) would let most of the base go unindexed. Other levels
+/// use zstd's parameters. (Which level is used, and why: `similar.rs`,
+/// `DEFAULT_LEVEL`.)
 pub fn encode_data(base: &[u8], target: &[u8], level: i32) -> Result<Vec<u8>> {
     let mut params = vec![CParameter::CompressionLevel(level)];
     if level <= 4 {
