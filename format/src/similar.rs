@@ -56,16 +56,20 @@ const DELTA_OVERHEAD: usize = 24;
 /// The default zstd level for deltas of file contents (skeletons have their
 /// own settings below 16: [`delta::encode_headers`]); a delta that comes out
 /// poor (over a quarter of the chunk as stored) is tried again at
-/// [`RETRY_LEVEL`] and the smaller kept.
-/// Measured on the small corpus (delta bytes; CPU of both ends of a push),
-/// against level 9 for everything: 1-4 % more bytes (rebuild 188 KB against
-/// 181, dep-bump 2.88 MB against 2.80, base-upgrade 6.09 against 6.02), at
-/// about two thirds of the CPU (level 1 alone: 4-10 % more at half). Level 9 is within 3-5 % of
+/// [`RETRY_LEVEL`] when base and target are small, and the smaller kept.
+/// Measured against level 9 for everything (delta bytes; user CPU of both
+/// ends of a push): small corpus rebuild 188 KB against 181, dep-bump
+/// 3.10 MB against 2.80, base-upgrade 6.46 against 6.02 (all still under
+/// xdelta3's), app-change 2.1 KB either way; the 5.6 GB dep-bump pair
+/// 9.06 MB against 8.51 at 6.9 CPU-s against 12.3. Retrying every poor
+/// delta at 9 took back two thirds of that CPU for 3 % of the bytes. Level 9 is within 3-5 % of
 /// level 12 at a fifth to a tenth of its time (levels above 9 switch zstd to
 /// binary-tree match finders that index the whole base for every chunk).
 pub const DEFAULT_LEVEL: i32 = 1;
 /// The level of the second try of a poor delta.
 const RETRY_LEVEL: i32 = 9;
+/// Most base and target bytes a second try is spent on.
+const RETRY_MAX_BYTES: usize = 256 << 10;
 
 fn hash_path(p: &[u8]) -> u64 {
     let p = p.strip_prefix(b"./").unwrap_or(p);
@@ -763,11 +767,15 @@ impl DeltaPlanner {
             delta::encode_headers(&base, target)?
         } else {
             // A poor delta at a fast level is a chunk that really changed,
-            // where a lazy parser finds a better path through the edits:
-            // worth a second pass, which most chunks of a rebuild (a few
-            // bytes changed) never need.
+            // where a lazy parser may find a better path through the edits:
+            // worth a second pass where that pass is cheap (it costs in
+            // proportion to base and target), which most chunks of a
+            // rebuild (a few bytes changed) never need.
             let d = delta::encode_data(&base, target, self.level)?;
-            if self.level < RETRY_LEVEL && d.len() * POOR > stored {
+            if self.level < RETRY_LEVEL
+                && d.len() * POOR > stored
+                && base.len() + target.len() <= RETRY_MAX_BYTES
+            {
                 let again = delta::encode_data(&base, target, RETRY_LEVEL)?;
                 if again.len() < d.len() {
                     again
