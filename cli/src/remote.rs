@@ -159,6 +159,7 @@ fn with_stream_client<T>(
     let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         bail!("no pipes to the wharf server");
     };
+    widen_pipe(&stdin);
     let res = Client::connect(
         std::io::BufReader::new(stdout),
         std::io::BufWriter::new(stdin),
@@ -167,6 +168,23 @@ fn with_stream_client<T>(
     .and_then(|mut c| f(&mut c));
     finish_child(child, res.is_ok())?;
     Ok(res)
+}
+
+/// Grows the pipe to the server to 1 MiB (Linux): a push writes 8 MiB
+/// frames, which through the default 64 KiB pipe cost the two processes a
+/// wake-up every 64 KiB. Best effort: the pipe works the same without.
+fn widen_pipe(stdin: &std::process::ChildStdin) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: F_SETPIPE_SZ on a descriptor this process owns; it only
+        // resizes the pipe's buffer, and a failure is ignored.
+        unsafe {
+            libc::fcntl(stdin.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = stdin;
 }
 
 fn finish_child(mut child: Child, ok: bool) -> Result<()> {

@@ -77,6 +77,25 @@ pub trait Backend: Send + Sync {
             })
             .collect()
     }
+    /// Reads many ranges into `out`, back to back (`out` is exactly as long
+    /// as the ranges together). By default through `read_ranges`; a local
+    /// directory reads straight into `out`.
+    fn read_ranges_into(
+        &self,
+        kind: ObjectKind,
+        reads: &[RangeRead<'_>],
+        out: &mut [u8],
+    ) -> Result<()> {
+        let mut at = 0;
+        for b in self.read_ranges(kind, reads)? {
+            let dst = out
+                .get_mut(at..at + b.len())
+                .ok_or_else(|| Error::Invalid("ranges longer than their buffer".into()))?;
+            dst.copy_from_slice(&b);
+            at += b.len();
+        }
+        Ok(())
+    }
     /// How many chunks a sequential reader should ask for at once: more
     /// where each request costs a round trip.
     fn read_batch_hint(&self) -> usize {
@@ -254,6 +273,23 @@ impl Backend for LocalBackend {
         let f = self.file(kind, name)?;
         f.read_exact_at(buf, offset)
             .ctx("read", self.object_path(kind, name))
+    }
+
+    fn read_ranges_into(
+        &self,
+        kind: ObjectKind,
+        reads: &[RangeRead<'_>],
+        out: &mut [u8],
+    ) -> Result<()> {
+        let mut at = 0;
+        for (name, offset, len) in reads {
+            let dst = out
+                .get_mut(at..at + len)
+                .ok_or_else(|| Error::Invalid("ranges longer than their buffer".into()))?;
+            self.read_at(kind, name, *offset, dst)?;
+            at += len;
+        }
+        Ok(())
     }
 
     fn size(&self, kind: ObjectKind, name: &str) -> Result<u64> {

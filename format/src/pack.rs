@@ -210,6 +210,36 @@ impl PackWriter {
         Ok(())
     }
 
+    /// Appends entries that are already laid out as in a pack (40-byte
+    /// header, then the compressed bytes; a PUT payload is exactly that),
+    /// back to back in `span`, in one write. Each of `entries` gives the
+    /// chunk's id, raw and stored length, and where its compressed bytes
+    /// start in `span`; the caller has checked that the headers in `span`
+    /// say the same.
+    pub fn append_span(
+        &mut self,
+        span: &[u8],
+        entries: &[(ChunkId, u32, u32, usize)],
+    ) -> Result<()> {
+        let base = self.len;
+        let too_big = || Error::Invalid("pack grew past 4 GiB".into());
+        u32::try_from(base + span.len() as u64).map_err(|_| too_big())?;
+        for &(id, raw_len, stored_len, at) in entries {
+            if at < PACK_ENTRY_HEADER_LEN as usize || at + stored_len as usize > span.len() {
+                return Err(Error::Invalid("entry outside its span".into()));
+            }
+            let offset = u32::try_from(base + at as u64).map_err(|_| too_big())?;
+            self.entries.push(IndexEntry {
+                id,
+                pack_no: 0,
+                offset,
+                stored_len,
+                raw_len,
+            });
+        }
+        self.write(span)
+    }
+
     /// Publishes the pack, then its index, and returns the index's name. The
     /// order matters: an index never names a pack that is not fully on disk.
     pub fn finish(mut self, backend: &dyn Backend) -> Result<(PackId, String)> {
@@ -474,6 +504,14 @@ pub fn read_stored(backend: &dyn Backend, id: &ChunkId, loc: &Location) -> Resul
 /// Checks that an entry read from a pack (header and payload) is the chunk
 /// the index says, and returns its compressed bytes.
 pub fn check_entry(mut buf: Vec<u8>, id: &ChunkId, loc: &Location) -> Result<Vec<u8>> {
+    check_header(&buf, id, loc)?;
+    buf.drain(..PACK_ENTRY_HEADER_LEN as usize);
+    Ok(buf)
+}
+
+/// Checks that an entry read from a pack (header, then payload) is the
+/// chunk the index says.
+pub fn check_header(buf: &[u8], id: &ChunkId, loc: &Location) -> Result<()> {
     let start = loc.offset as u64 - PACK_ENTRY_HEADER_LEN;
     if buf.len() < PACK_ENTRY_HEADER_LEN as usize || buf[..32] != id.0 {
         return Err(Error::Corrupt(format!(
@@ -503,8 +541,7 @@ pub fn check_entry(mut buf: Vec<u8>, id: &ChunkId, loc: &Location) -> Result<Vec
             loc.stored_len
         )));
     }
-    buf.drain(..PACK_ENTRY_HEADER_LEN as usize);
-    Ok(buf)
+    Ok(())
 }
 
 const SCAN_WINDOW: usize = 8 << 20;

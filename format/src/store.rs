@@ -233,6 +233,66 @@ impl Store {
             .collect()
     }
 
+    /// Appends the pack entries of chunks `ids` (40-byte header, then the
+    /// compressed bytes: FORMAT.md §4.1, which is also how chunks travel),
+    /// in order, to `out`, each checked against the index, until `out`
+    /// holds `limit` bytes or more. Entries next to each other in a pack
+    /// are read at once, with no copy but the read. Returns how many of
+    /// `ids` were appended and their compressed bytes.
+    pub fn read_entries_into(
+        &self,
+        ids: &[ChunkId],
+        out: &mut Vec<u8>,
+        limit: usize,
+    ) -> Result<(usize, u64)> {
+        const H: u64 = pack::PACK_ENTRY_HEADER_LEN;
+        let mut locs = Vec::new();
+        let mut size = out.len();
+        for id in ids {
+            if size >= limit {
+                break;
+            }
+            let loc = self.lookup(id).ok_or_else(|| Error::MissingChunk {
+                chunk: id.to_hex(),
+                context: String::new(),
+            })?;
+            size += H as usize + loc.stored_len as usize;
+            locs.push(loc);
+        }
+        // Runs of entries back to back in one pack become one read.
+        let mut runs: Vec<(pack::PackId, u64, usize)> = Vec::new();
+        for l in &locs {
+            let start = l.offset as u64 - H;
+            let len = H as usize + l.stored_len as usize;
+            match runs.last_mut() {
+                Some((p, s, n)) if *p == l.pack && *s + *n as u64 == start => *n += len,
+                _ => runs.push((l.pack, start, len)),
+            }
+        }
+        let names: Vec<String> = runs.iter().map(|r| r.0.name()).collect();
+        let reads: Vec<crate::backend::RangeRead<'_>> = runs
+            .iter()
+            .zip(&names)
+            .map(|(r, n)| (n.as_str(), r.1, r.2))
+            .collect();
+        let from = out.len();
+        out.resize(size, 0);
+        self.backend.read_ranges_into(
+            crate::backend::ObjectKind::Pack,
+            &reads,
+            &mut out[from..],
+        )?;
+        let mut at = from;
+        let mut stored = 0;
+        for (id, loc) in ids.iter().zip(&locs) {
+            let len = H as usize + loc.stored_len as usize;
+            pack::check_header(&out[at..at + len], id, loc)?;
+            at += len;
+            stored += loc.stored_len as u64;
+        }
+        Ok((locs.len(), stored))
+    }
+
     fn read_entries(&self, ids: &[ChunkId]) -> Result<(Vec<Location>, Vec<Vec<u8>>)> {
         let mut locs = Vec::with_capacity(ids.len());
         for id in ids {
@@ -442,7 +502,26 @@ impl WriteStats {
 
 enum ToWriter {
     Chunk(ChunkId, u32, Vec<u8>),
+    /// Verified received entries, laid out as in a pack in the buffer.
+    Entries(Vec<u8>, Vec<ReceivedEntry>),
 }
+
+/// One chunk of a buffer of received entries ([`ChunkWriter::put_received`]):
+/// its compressed bytes are `buf[at..at + len]`, preceded by the 40-byte
+/// entry header of a pack (FORMAT.md §4.1), which a PUT payload is.
+#[derive(Clone, Copy, Debug)]
+pub struct ReceivedEntry {
+    pub id: ChunkId,
+    pub raw_len: u32,
+    pub at: usize,
+    pub len: usize,
+}
+
+/// Received buffers queued for verification, and verified ones queued for
+/// the pack writer: each stage works on one while the next is queued, so
+/// the caller reads the next payload while the last one is checked, and
+/// memory stays at a few payloads.
+const RECEIVED_QUEUE: usize = 1;
 
 /// A write session: chunks offered with `put` are hashed by the caller,
 /// compressed on a pool of threads (one zstd context each) and appended to
@@ -455,6 +534,9 @@ pub struct ChunkWriter {
     to_compress: Option<Sender<(ChunkId, Vec<u8>)>>,
     /// Chunks that arrive already compressed (transfers) skip the workers.
     to_writer: Option<Sender<ToWriter>>,
+    /// Received entries go through the verifying stage first.
+    to_verify: Option<Sender<(Vec<u8>, Vec<ReceivedEntry>)>>,
+    verifier: Option<JoinHandle<Result<()>>>,
     workers: Vec<JoinHandle<Result<()>>>,
     writer: Option<JoinHandle<Result<()>>>,
     /// The first error of a pipeline thread, for the caller whose `put` found
@@ -499,6 +581,17 @@ impl ChunkWriter {
         }
         let pending = Arc::new(Mutex::new(HashSet::new()));
         let stats = Arc::new(WriteStats::default());
+        let (vtx, vrx) = bounded::<(Vec<u8>, Vec<ReceivedEntry>)>(RECEIVED_QUEUE);
+        let verifier = {
+            let store = store.clone();
+            let pending = pending.clone();
+            let stats = stats.clone();
+            let failure = failure.clone();
+            let wtx = wtx.clone();
+            std::thread::spawn(move || {
+                remember_failure(verify_received(store, vrx, wtx, pending, stats), &failure)
+            })
+        };
         let writer = {
             let store = store.clone();
             let pending = pending.clone();
@@ -516,6 +609,8 @@ impl ChunkWriter {
             pending,
             to_compress: Some(ctx),
             to_writer: Some(wtx),
+            to_verify: Some(vtx),
+            verifier: Some(verifier),
             workers,
             writer: Some(writer),
             failure,
@@ -632,9 +727,63 @@ impl ChunkWriter {
         Ok(new)
     }
 
+    /// Queues a buffer of received entries (see [`ReceivedEntry`]) to be
+    /// verified and stored, and returns at once: entries already here are
+    /// skipped, the others are verified on all cores while the caller reads
+    /// the next buffer, then written as they are, in spans. The first bad
+    /// entry stops the session: the entries before it are kept, it and
+    /// those after it are not, and the error is returned by this call or a
+    /// later one, or by `finish`.
+    pub fn put_received(&self, buf: Vec<u8>, entries: Vec<ReceivedEntry>) -> Result<()> {
+        const H: usize = pack::PACK_ENTRY_HEADER_LEN as usize;
+        for e in &entries {
+            let header =
+                e.at.checked_sub(H)
+                    .filter(|_| e.at.checked_add(e.len).is_some_and(|end| end <= buf.len()))
+                    .map(|start| &buf[start..e.at]);
+            let ok = header.is_some_and(|h| {
+                h[..32] == e.id.0
+                    && h[32..36] == e.raw_len.to_le_bytes()
+                    && u32::try_from(e.len).is_ok_and(|l| h[36..40] == l.to_le_bytes())
+            });
+            if !ok {
+                return Err(Error::Invalid(
+                    "received entry does not match its header".into(),
+                ));
+            }
+        }
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let sent = match &self.to_verify {
+            Some(tx) if self.failure.lock().map(|f| f.is_none()).unwrap_or(false) => {
+                tx.send((buf, entries)).is_ok()
+            }
+            _ => false,
+        };
+        if !sent {
+            let failure = self.failure.lock().ok().and_then(|mut f| f.take());
+            return Err(failure
+                .unwrap_or_else(|| Error::Corrupt("chunk writer stopped unexpectedly".into())));
+        }
+        Ok(())
+    }
+
     fn stop(&mut self) -> Result<()> {
         self.to_compress = None;
+        self.to_verify = None;
         let mut first_err = None;
+        if let Some(v) = self.verifier.take() {
+            match v.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_err.get_or_insert(Error::Corrupt("verifying thread panicked".into()));
+                }
+            }
+        }
         for w in self.workers.drain(..) {
             match w.join() {
                 Ok(Ok(())) => {}
@@ -704,6 +853,67 @@ fn check_received(id: &ChunkId, raw_len: u32, stored: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The verifying stage of [`ChunkWriter::put_received`]: one buffer at a
+/// time, its entries checked in parallel, the good ones before the first
+/// bad one passed on to the pack writer.
+fn verify_received(
+    store: Arc<Store>,
+    rx: Receiver<(Vec<u8>, Vec<ReceivedEntry>)>,
+    tx: Sender<ToWriter>,
+    pending: Arc<Mutex<HashSet<ChunkId>>>,
+    stats: Arc<WriteStats>,
+) -> Result<()> {
+    use rayon::prelude::*;
+    let queued = |id: &ChunkId| pending.lock().map(|p| p.contains(id)).unwrap_or(false);
+    for (buf, entries) in rx {
+        // Ok(true): verified and new; Ok(false): already here, not read.
+        let checked: Vec<Result<bool>> = entries
+            .par_iter()
+            .map(|e| {
+                if store.contains(&e.id) || queued(&e.id) {
+                    return Ok(false);
+                }
+                check_received(&e.id, e.raw_len, &buf[e.at..e.at + e.len]).map(|()| true)
+            })
+            .collect();
+        let mut keep = Vec::with_capacity(entries.len());
+        let mut bad = None;
+        {
+            let mut p = pending
+                .lock()
+                .map_err(|_| Error::Corrupt("pending set lock poisoned".into()))?;
+            for (e, r) in entries.into_iter().zip(checked) {
+                stats.chunks_in.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .bytes_in
+                    .fetch_add(e.raw_len as u64, Ordering::Relaxed);
+                match r {
+                    Ok(true) if p.insert(e.id) => {
+                        stats.chunks_new.fetch_add(1, Ordering::Relaxed);
+                        stats
+                            .bytes_new
+                            .fetch_add(e.raw_len as u64, Ordering::Relaxed);
+                        keep.push(e);
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        bad = Some(err);
+                        break;
+                    }
+                }
+            }
+        }
+        if !keep.is_empty() && tx.send(ToWriter::Entries(buf, keep)).is_err() {
+            // The writer stopped; its error is the one reported.
+            return Ok(());
+        }
+        if let Some(err) = bad {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
 /// Keeps a pipeline thread's error where `put` can find it; the thread then
 /// returns Ok so the error is reported once.
 fn remember_failure(r: Result<()>, slot: &Mutex<Option<Error>>) -> Result<()> {
@@ -717,6 +927,50 @@ fn remember_failure(r: Result<()>, slot: &Mutex<Option<Error>>) -> Result<()> {
             Err(_) => Err(e),
         },
     }
+}
+
+/// Appends received entries to packs in as few writes as they allow: each
+/// run of entries back to back in `buf` is one span, cut where the pack
+/// reaches `pack_target` (after the entry that reaches it, as one by one).
+fn write_entries(
+    buf: &[u8],
+    entries: &[ReceivedEntry],
+    pack: &mut Option<PackWriter>,
+    backend: &dyn Backend,
+    stats: &WriteStats,
+    pack_target: u64,
+    hand_off: &mut dyn FnMut(PackWriter) -> Result<()>,
+) -> Result<()> {
+    const H: usize = pack::PACK_ENTRY_HEADER_LEN as usize;
+    let mut i = 0;
+    let mut run = Vec::new();
+    while i < entries.len() {
+        let p = match pack {
+            Some(p) => p,
+            None => pack.insert(PackWriter::create(backend.scratch_dir())?),
+        };
+        let start = entries[i].at - H;
+        let mut end = start;
+        run.clear();
+        for e in &entries[i..] {
+            if e.at - H != end || (end > start && p.len() + (end - start) as u64 >= pack_target) {
+                break;
+            }
+            run.push((e.id, e.raw_len, e.len as u32, e.at - start));
+            end = e.at + e.len;
+        }
+        p.append_span(&buf[start..end], &run)?;
+        stats
+            .bytes_stored
+            .fetch_add((end - start) as u64, Ordering::Relaxed);
+        i += run.len();
+        if p.len() >= pack_target {
+            if let Some(full) = pack.take() {
+                hand_off(full)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn write_packs(
@@ -768,7 +1022,21 @@ fn write_packs(
         };
     let written: Result<()> = (|| {
         for msg in rx {
-            let ToWriter::Chunk(id, raw_len, z) = msg;
+            let (id, raw_len, z) = match msg {
+                ToWriter::Chunk(id, raw_len, z) => (id, raw_len, z),
+                ToWriter::Entries(buf, entries) => {
+                    write_entries(
+                        &buf,
+                        &entries,
+                        &mut pack,
+                        &*backend,
+                        &stats,
+                        pack_target,
+                        &mut |full| hand_off(full, &mut uploads),
+                    )?;
+                    continue;
+                }
+            };
             if pack.is_none() {
                 pack = Some(PackWriter::create(backend.scratch_dir())?);
             }

@@ -180,7 +180,7 @@ pub fn read_bundle(store: &Arc<Store>, input: &mut dyn Read) -> Result<Vec<Strin
                 ));
             };
             match f.kind {
-                Kind::Put => receiver.put(&f.payload)?,
+                Kind::Put => receiver.put(f.payload)?,
                 Kind::PutDelta if deltas_allowed => {
                     receiver.put_delta(&f.payload)?;
                 }

@@ -138,6 +138,35 @@ pub fn encode_chunk(out: &mut Vec<u8>, c: &WireChunk) {
     out.extend_from_slice(&c.stored);
 }
 
+/// The entries of a PUT or CHUNKS payload, checked for framing, as places
+/// in it (no copies): an entry is byte for byte a pack entry, so the
+/// receiver stores spans of the payload as they are.
+pub fn decode_entries(b: &[u8]) -> Result<Vec<wharf_format::store::ReceivedEntry>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < b.len() {
+        let e = &b[at..];
+        if e.len() < 40 {
+            return Err(Error::Protocol("truncated chunk entry".into()));
+        }
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&e[..32]);
+        let raw_len = u32::from_le_bytes([e[32], e[33], e[34], e[35]]);
+        let stored_len = u32::from_le_bytes([e[36], e[37], e[38], e[39]]) as usize;
+        if e.len() - 40 < stored_len || raw_len > MAX_FRAME {
+            return Err(Error::Protocol("chunk entry longer than its frame".into()));
+        }
+        out.push(wharf_format::store::ReceivedEntry {
+            id: wharf_format::ChunkId(id),
+            raw_len,
+            at: at + 40,
+            len: stored_len,
+        });
+        at += 40 + stored_len;
+    }
+    Ok(out)
+}
+
 pub fn decode_chunks(mut b: &[u8]) -> Result<Vec<WireChunk>> {
     let mut out = Vec::new();
     while !b.is_empty() {

@@ -12,7 +12,7 @@
 //! few threads to keep several requests in flight.
 
 use crate::frame::Kind;
-use crate::frame::{bit, decode_chunks, encode_ids, MAX_FRAME};
+use crate::frame::{bit, decode_entries, encode_ids, MAX_FRAME};
 use crate::send::{self, DeltaOptions};
 use crate::session::{
     answer_has, answer_has_layers, check_hello, encode_stored, hello, take_reply, Hello,
@@ -423,11 +423,11 @@ async fn h_put(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiError> 
         // Decoding checks every entry's framing before anything is stored.
         // An empty PUT stores nothing: clients send one to check their token
         // before streaming chunks.
-        if decode_chunks(&body).map_err(api)?.is_empty() {
+        if decode_entries(&body).map_err(api)?.is_empty() {
             return Ok(br#"{"received":0,"new":0}"#.to_vec());
         }
         let mut r = Receiver::new(store.clone());
-        r.put(&body).map_err(bad)?;
+        r.put(Vec::from(body)).map_err(bad)?;
         finish_put(&finish, r, bad)
     })
     .await
@@ -947,15 +947,16 @@ impl HttpClient {
                     .unwrap_or(true);
                 if bases.is_empty() || plain_only {
                     let payload = self.request("/v1/get", Some(&encode_ids(b)))?;
-                    let chunks = decode_chunks(&payload)?;
+                    let chunks = decode_entries(&payload)?;
                     if chunks.is_empty() || chunks.iter().any(|c| !asked.contains(&c.id)) {
                         return Err(Error::Protocol(
                             "GET reply does not match the request".into(),
                         ));
                     }
-                    lock_receiver()?.put(&payload)?;
-                    got_chunks.fetch_add(chunks.len() as u64, Ordering::Relaxed);
-                    got_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
+                    let (n, len) = (chunks.len() as u64, payload.len() as u64);
+                    lock_receiver()?.put(payload)?;
+                    got_chunks.fetch_add(n, Ordering::Relaxed);
+                    got_bytes.fetch_add(len, Ordering::Relaxed);
                 } else {
                     let body = encode_get_delta(&r.recipe, &bases, b);
                     let reply = self.request("/v1/get-delta", Some(&body))?;
@@ -964,14 +965,15 @@ impl HttpClient {
                     let mut failed = Vec::new();
                     let mut n = 0usize;
                     while let Some(f) = crate::frame::read_frame(&mut rd)? {
+                        let len = f.payload.len() as u64;
                         let got =
-                            take_reply(&mut *lock_receiver()?, &f, true, &mut want, &mut failed)?;
+                            take_reply(&mut *lock_receiver()?, f, true, &mut want, &mut failed)?;
                         n += got.chunks;
                         if got.deltas > 0 {
                             got_deltas.fetch_add(got.deltas as u64, Ordering::Relaxed);
-                            got_delta_bytes.fetch_add(f.payload.len() as u64, Ordering::Relaxed);
+                            got_delta_bytes.fetch_add(len, Ordering::Relaxed);
                         }
-                        got_bytes.fetch_add(f.payload.len() as u64, Ordering::Relaxed);
+                        got_bytes.fetch_add(len, Ordering::Relaxed);
                     }
                     if let Ok(mut w) = whole_only.lock() {
                         w.extend(failed);

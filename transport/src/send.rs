@@ -415,6 +415,9 @@ pub fn encode_chunks(
         frame_bytes,
         debug: std::env::var_os("WHARF_DEBUG_DELTAS").is_some(),
     };
+    if planner.is_none() && !out.debug {
+        return encode_plain(store, ids, frame_bytes, rep, emit);
+    }
     // Objects (nodes, list pieces) go last, so that their deltas can name
     // the chunks sent before them in the same frame instead of spelling
     // their ids.
@@ -435,6 +438,40 @@ pub fn encode_chunks(
         emit(Kind::Put, std::mem::take(&mut out.plain), rep)?;
     }
     out.flush_deltas(rep, emit)
+}
+
+/// [`encode_chunks`] without deltas: a chunk entry is byte for byte a pack
+/// entry (PROTOCOL.md §9.1), so each PUT payload is read from the packs
+/// straight into place, neighbours in one read, and nothing else is done
+/// to it. Payloads end after the entry that reaches `frame_bytes`.
+fn encode_plain(
+    store: &Store,
+    mut ids: &[ChunkId],
+    frame_bytes: usize,
+    rep: &mut TransferReport,
+    emit: &mut Emit<'_>,
+) -> Result<()> {
+    let mut plain: Vec<u8> = Vec::new();
+    while !ids.is_empty() {
+        if plain.capacity() == 0 {
+            plain.reserve(frame_bytes + (1 << 20));
+        }
+        let batch = &ids[..ids.len().min(ENCODE_BATCH)];
+        let (n, stored) = store.read_entries_into(batch, &mut plain, frame_bytes)?;
+        if n == 0 {
+            return Err(Error::Protocol("no chunk fits a payload".into()));
+        }
+        rep.chunks_sent += n as u64;
+        rep.payload_bytes += stored;
+        ids = &ids[n..];
+        if plain.len() >= frame_bytes {
+            emit(Kind::Put, std::mem::take(&mut plain), rep)?;
+        }
+    }
+    if !plain.is_empty() {
+        emit(Kind::Put, plain, rep)?;
+    }
+    Ok(())
 }
 
 /// Payloads being filled.

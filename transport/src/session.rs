@@ -2,8 +2,7 @@
 //! client's push and pull.
 
 use crate::frame::{
-    bit, bitmap, decode_chunks, decode_ids, encode_chunk, encode_ids, read_frame, write_frame,
-    Kind, WireChunk,
+    bit, bitmap, decode_entries, decode_ids, encode_ids, read_frame, write_frame, Kind,
 };
 use crate::send::{self, DeltaOptions};
 use crate::walk;
@@ -201,16 +200,13 @@ impl Receiver {
         let Some(w) = self.writer.as_ref() else {
             return Err(Error::Protocol("no writer".into()));
         };
-        let mut new = 0;
         let mut failures = Vec::new();
         let mut out = Vec::new();
         resolver.apply_frame(&deltas, &mut |d, r| {
             match r {
                 Ok(chunks) => {
                     for (id, raw) in chunks {
-                        if w.put_with_id(id, &raw)? {
-                            new += 1;
-                        }
+                        w.put_with_id(id, &raw)?;
                         out.push(DeltaOutcome::Stored(id));
                     }
                 }
@@ -222,7 +218,6 @@ impl Receiver {
             Ok(())
         })?;
         self.received += out.len() as u64;
-        self.new_chunks += new;
         self.delta_failures += failures.len() as u64;
         if self.first_delta_failure.is_none() {
             self.first_delta_failure = failures.into_iter().next();
@@ -243,25 +238,23 @@ impl Receiver {
             .ok_or_else(|| Error::Protocol("no writer".into()))
     }
 
-    pub fn put(&mut self, payload: &[u8]) -> Result<()> {
-        let w = self.writer()?;
-        let chunks = decode_chunks(payload)?;
-        let n = chunks.len() as u64;
-        let new = w.put_stored_many(
-            chunks
-                .into_iter()
-                .map(|c| (c.id, c.raw_len, c.stored))
-                .collect(),
-        )?;
+    /// Takes the chunks of a PUT or CHUNKS payload: checks its framing and
+    /// queues it to be verified and stored while the caller reads the
+    /// next. A bad chunk is reported by this call, a later one or `flush`
+    /// (PROTOCOL.md §9.3: the chunks before it are kept).
+    pub fn put(&mut self, payload: Vec<u8>) -> Result<()> {
+        let entries = decode_entries(&payload)?;
+        let n = entries.len() as u64;
+        self.writer()?.put_received(payload, entries)?;
         self.received += n;
-        self.new_chunks += new;
         Ok(())
     }
 
     /// Makes everything received durable and visible to lookups.
     pub fn flush(&mut self) -> Result<()> {
         if let Some(w) = self.writer.take() {
-            w.finish()?;
+            let stats = w.finish()?;
+            self.new_chunks += stats.get(|s| &s.chunks_new);
         }
         self.store.reload_index()?;
         Ok(())
@@ -328,14 +321,14 @@ pub(crate) struct Taken {
 /// to be asked for whole. PUT_DELTA is accepted only with `deltas`.
 pub(crate) fn take_reply(
     receiver: &mut Receiver,
-    f: &crate::frame::Frame,
+    f: crate::frame::Frame,
     deltas: bool,
     want: &mut HashSet<ChunkId>,
     failed: &mut Vec<ChunkId>,
 ) -> Result<Taken> {
     match f.kind {
         Kind::Chunks => {
-            let chunks = decode_chunks(&f.payload)?;
+            let chunks = decode_entries(&f.payload)?;
             if chunks.is_empty() {
                 return Err(Error::Protocol(
                     "CHUNKS reply does not match the request".into(),
@@ -346,9 +339,10 @@ pub(crate) fn take_reply(
                     "CHUNKS reply carries chunks that were not asked for".into(),
                 ));
             }
-            receiver.put(&f.payload)?;
+            let n = chunks.len();
+            receiver.put(f.payload)?;
             Ok(Taken {
-                chunks: chunks.len(),
+                chunks: n,
                 deltas: 0,
             })
         }
@@ -426,18 +420,8 @@ pub(crate) const READ_BATCH: usize = 64;
 /// Appends chunks `ids`, as stored, to a CHUNKS payload; returns the bytes
 /// of compressed chunk data it added.
 pub(crate) fn encode_stored(store: &Store, ids: &[ChunkId], buf: &mut Vec<u8>) -> Result<u64> {
-    let mut n = 0;
-    for (id, (raw_len, stored)) in ids.iter().zip(store.read_stored_many(ids)?) {
-        n += stored.len() as u64;
-        encode_chunk(
-            buf,
-            &WireChunk {
-                id: *id,
-                raw_len,
-                stored,
-            },
-        );
-    }
+    // A chunk entry is byte for byte a pack entry (§9.1): read as it is.
+    let (_, n) = store.read_entries_into(ids, buf, usize::MAX)?;
     Ok(n)
 }
 
@@ -467,13 +451,16 @@ pub fn serve(
     output.flush().map_err(Error::Io)?;
     let mut receiver = Receiver::new(store.clone());
     let result = serve_loop(&store, input, output, read_only, &mut receiver);
-    // What arrived stays, even when the session broke off.
+    // What arrived stays, even when the session broke off. Chunks are
+    // verified behind the reading: a bad one may only show here, at the
+    // end of the stream, and is answered like any other error.
     let flushed = receiver.flush();
+    let result = result.and(flushed);
     if let Err(e) = &result {
         let _ = write_frame(output, Kind::Error, e.to_string().as_bytes());
         let _ = output.flush();
     }
-    result.and(flushed)
+    result
 }
 
 fn serve_loop(
@@ -594,7 +581,7 @@ fn serve_loop(
                 if read_only {
                     return Err(Error::Protocol("this server is read-only".into()));
                 }
-                receiver.put(&f.payload)?;
+                receiver.put(f.payload)?;
             }
             Kind::PutDelta => {
                 if read_only {
@@ -905,10 +892,11 @@ impl<R: Read, W: Write> Client<R, W> {
                     let f = read_frame(&mut self.input)?.ok_or_else(|| {
                         Error::Protocol("connection closed while waiting for CHUNKS".into())
                     })?;
-                    let got = take_reply(&mut receiver, &f, delta_ok, &mut want, &mut failed)?;
-                    rep.payload_bytes += f.payload.len() as u64;
+                    let len = f.payload.len() as u64;
+                    let got = take_reply(&mut receiver, f, delta_ok, &mut want, &mut failed)?;
+                    rep.payload_bytes += len;
                     if got.deltas > 0 {
-                        rep.delta_bytes += f.payload.len() as u64;
+                        rep.delta_bytes += len;
                     }
                     rep.delta_chunks += got.deltas as u64;
                     rep.chunks_sent += got.chunks as u64;

@@ -532,6 +532,90 @@ fn padded_or_multi_frame_chunks_are_refused() {
     serve_raw(&dst, bytes).0.unwrap();
 }
 
+/// The receiver verifies a PUT while it reads the next: a bad chunk in a
+/// later frame still ends the session with the chunk's error, the chunks
+/// before it (earlier frames, and earlier in its frame) are kept, it and
+/// everything after it are not, and the store verifies.
+#[test]
+fn a_bad_chunk_in_a_later_frame_stops_the_session_cleanly() {
+    let d = tempfile::tempdir().unwrap();
+    let dst = store(&d, "dst");
+    let chunk = |i: u32| -> (Vec<u8>, Vec<u8>) {
+        let raw: Vec<u8> = format!("chunk {i} ")
+            .into_bytes()
+            .into_iter()
+            .cycle()
+            .take(20_000 + i as usize)
+            .collect();
+        let stored = zstd::bulk::compress(&raw, 3).unwrap();
+        (raw, stored)
+    };
+    let id = |raw: &[u8]| wharf_format::ChunkId(*blake3::hash(raw).as_bytes());
+    let mut stream = vec![raw_frame(0x01, HELLO)];
+    let mut kept = Vec::new();
+    let mut lost = Vec::new();
+    let mut n = 0;
+    // Four good frames of 50 chunks each.
+    for _ in 0..4 {
+        let mut payload = Vec::new();
+        for _ in 0..50 {
+            let (raw, stored) = chunk(n);
+            n += 1;
+            payload.extend(put_entry(&raw, &stored));
+            kept.push(id(&raw));
+        }
+        stream.push(raw_frame(0x17, &payload));
+    }
+    // Then a frame whose third chunk decompresses to other bytes than its id.
+    let mut payload = Vec::new();
+    for k in 0..6 {
+        let (raw, stored) = chunk(n);
+        n += 1;
+        if k == 2 {
+            let mut e = put_entry(&raw, &zstd::bulk::compress(b"other", 3).unwrap());
+            e[32..36].copy_from_slice(&5u32.to_le_bytes());
+            payload.extend(e);
+        } else {
+            payload.extend(put_entry(&raw, &stored));
+        }
+        if k < 2 {
+            kept.push(id(&raw));
+        } else {
+            lost.push(id(&raw));
+        }
+    }
+    stream.push(raw_frame(0x17, &payload));
+    // And good frames after it, which must not be stored either.
+    for _ in 0..3 {
+        let mut payload = Vec::new();
+        for _ in 0..20 {
+            let (raw, stored) = chunk(n);
+            n += 1;
+            payload.extend(put_entry(&raw, &stored));
+            lost.push(id(&raw));
+        }
+        stream.push(raw_frame(0x17, &payload));
+    }
+    stream.push(raw_frame(0x19, b""));
+    let (res, reply) = serve_raw(&dst, stream.concat());
+    let err = res.expect_err("a bad chunk was accepted").to_string();
+    assert!(err.contains("received chunk"), "{err}");
+    assert!(err.contains("does not match its hash"), "{err}");
+    // The client is told, in an ERROR frame after the server's HELLO.
+    assert_eq!(frames(&reply), vec![0x01, 0x02]);
+    assert!(String::from_utf8_lossy(&reply).contains("received chunk"));
+    dst.reload_index().unwrap();
+    for i in &kept {
+        assert!(dst.contains(i), "a good chunk before the bad one was lost");
+        dst.read_chunk(i).unwrap();
+    }
+    for i in &lost {
+        assert!(!dst.contains(i), "a chunk at or after the bad one was kept");
+    }
+    let report = wharf_format::maintenance::verify(&dst, true).unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+}
+
 fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap().flatten() {
