@@ -697,12 +697,15 @@ def bench_throughput(wh, tools, img, work, reps):
                      "cmd": runs[-1]["cmd"]}
         log(f"  {label}: {mb / secs:.0f} MB/s ({secs:.2f} s)")
 
-    # limits
+    # limits; compression at the level wharf uses by default
+    store = os.path.join(work, "tp-store")
+    zlevel = f"-{wh.init(store)['zstd_level']}"
+    rm(store)
     rep("cat", lambda: measure(["cat", path]), "cat (page cache read)")
     zst = os.path.join(work, "img.tar.zst")
     if tools.have("zstd"):
-        rep("zstd_c", lambda: measure(["zstd", "-q", "-T2", "-3", "-c", path]), "zstd -T2 -3 compress")
-        measure(["zstd", "-q", "-f", "-T2", "-3", path, "-o", zst])
+        rep("zstd_c", lambda: measure(["zstd", "-q", "-T2", zlevel, "-c", path]), f"zstd -T2 {zlevel} compress")
+        measure(["zstd", "-q", "-f", "-T2", zlevel, path, "-o", zst])
         rep("zstd_d", lambda: measure(["zstd", "-q", "-d", "-c", zst]), "zstd -d decompress")
         rows["zstd_d"]["note"] = f"output MB/s (input {os.path.getsize(zst) / 1e6:.0f} MB .zst)"
     if tools.have("openssl"):
@@ -712,7 +715,6 @@ def bench_throughput(wh, tools, img, work, reps):
         rep("b3sum1", lambda: measure(["b3sum", "--num-threads", "1", path]), "b3sum --num-threads 1")
     rm(zst)
     # wharf
-    store = os.path.join(work, "tp-store")
     level = {}
 
     def add_new():

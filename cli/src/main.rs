@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use wharf_format::chunker::ChunkParams;
 use wharf_format::ingest::{self, AddOptions};
-use wharf_format::store::{Store, StoreConfig};
+use wharf_format::store::{Store, StoreConfig, DEFAULT_ZSTD_LEVEL};
 use wharf_format::{extract, maintenance};
 use wharf_objstore::ObjectBackend;
 
@@ -70,7 +70,7 @@ enum Cmd {
         #[arg(long, default_value_t = ChunkParams::DEFAULT.avg / 1024)]
         avg_chunk_kib: u32,
         /// zstd level for new chunks (1-22): higher is smaller and slower to add; extract speed barely changes.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = DEFAULT_ZSTD_LEVEL)]
         zstd_level: i32,
     },
     /// Store an image tar (from `docker save`) under a name. Reads a file, or stdin with `-`.

@@ -5,7 +5,7 @@ use common::*;
 use std::sync::Arc;
 use wharf_format::backend::ObjectKind;
 use wharf_format::maintenance;
-use wharf_format::store::Store;
+use wharf_format::store::{Store, DEFAULT_ZSTD_LEVEL};
 use wharf_format::synth::{self, Layout, Scale, Version};
 
 fn image(version: Version, seed: u64) -> Vec<u8> {
@@ -382,4 +382,34 @@ fn a_known_layer_under_a_new_path_is_reused_whole() {
     other[n / 2] ^= 0x20;
     let same_size = outer_tar(&[("cccc/layer.tar", &other), ("manifest.json", b"[]")]);
     assert_round_trip(&store, "same size, other bytes", &same_size);
+}
+
+/// Every chunk is stored as libzstd compresses it at the store's level, and a
+/// new store's default level stores image data smaller than zstd's own
+/// default, 3 (why 4: `DEFAULT_ZSTD_LEVEL`).
+#[test]
+fn chunks_are_stored_at_the_store_level_and_the_default_beats_level_3() {
+    let (_d, store) = new_store();
+    assert_eq!(store.config.zstd_level, DEFAULT_ZSTD_LEVEL);
+    add(&store, "img", &image(Version::V1, 5));
+    let (mut stored_total, mut level3_total, mut chunks) = (0, 0, 0);
+    for f in store.index_files() {
+        for i in 0..f.len() {
+            let id = f.entry(i).id;
+            let (_, stored) = store.read_stored(&id).unwrap();
+            let raw = store.read_chunk(&id).unwrap();
+            assert!(
+                stored == zstd::bulk::compress(&raw, store.config.zstd_level).unwrap(),
+                "chunk {id} is not compressed at the store's level"
+            );
+            stored_total += stored.len();
+            level3_total += zstd::bulk::compress(&raw, 3).unwrap().len();
+            chunks += 1;
+        }
+    }
+    assert!(chunks > 100, "only {chunks} chunks");
+    assert!(
+        stored_total < level3_total,
+        "stored {stored_total} bytes, level 3 would take {level3_total}"
+    );
 }
