@@ -233,13 +233,18 @@ impl Store {
         self.lookup(id).is_some()
     }
 
+    /// Where a chunk lies, or `MissingChunk` when the store lacks it.
+    fn locate(&self, id: &ChunkId) -> Result<Location> {
+        self.lookup(id).ok_or_else(|| Error::MissingChunk {
+            chunk: id.to_hex(),
+            context: String::new(),
+        })
+    }
+
     /// A chunk's compressed bytes as stored, and its uncompressed length,
     /// for sending to another store without recompressing.
     pub fn read_stored(&self, id: &ChunkId) -> Result<(u32, Vec<u8>)> {
-        let loc = self.lookup(id).ok_or_else(|| Error::MissingChunk {
-            chunk: id.to_hex(),
-            context: String::new(),
-        })?;
+        let loc = self.locate(id)?;
         Ok((loc.raw_len, pack::read_stored(&*self.backend, id, &loc)?))
     }
 
@@ -272,10 +277,7 @@ impl Store {
             if size >= limit {
                 break;
             }
-            let loc = self.lookup(id).ok_or_else(|| Error::MissingChunk {
-                chunk: id.to_hex(),
-                context: String::new(),
-            })?;
+            let loc = self.locate(id)?;
             size += H as usize + loc.stored_len as usize;
             locs.push(loc);
         }
@@ -316,10 +318,7 @@ impl Store {
     fn read_entries(&self, ids: &[ChunkId]) -> Result<(Vec<Location>, Vec<Vec<u8>>)> {
         let mut locs = Vec::with_capacity(ids.len());
         for id in ids {
-            locs.push(self.lookup(id).ok_or_else(|| Error::MissingChunk {
-                chunk: id.to_hex(),
-                context: String::new(),
-            })?);
+            locs.push(self.locate(id)?);
         }
         let names: Vec<String> = locs.iter().map(|l| l.pack.name()).collect();
         let reads: Vec<crate::backend::RangeRead<'_>> = locs
@@ -355,10 +354,7 @@ impl Store {
 
     /// Reads a chunk, decompresses it and checks its BLAKE3.
     pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        let loc = self.lookup(id).ok_or_else(|| Error::MissingChunk {
-            chunk: id.to_hex(),
-            context: String::new(),
-        })?;
+        let loc = self.locate(id)?;
         let stored = pack::read_stored(&*self.backend, id, &loc)?;
         decode_checked(id, &loc, &stored)
     }

@@ -167,29 +167,6 @@ pub fn decode_entries(b: &[u8]) -> Result<Vec<wharf_format::store::ReceivedEntry
     Ok(out)
 }
 
-pub fn decode_chunks(mut b: &[u8]) -> Result<Vec<WireChunk>> {
-    let mut out = Vec::new();
-    while !b.is_empty() {
-        if b.len() < 40 {
-            return Err(Error::Protocol("truncated chunk entry".into()));
-        }
-        let mut id = [0u8; 32];
-        id.copy_from_slice(&b[..32]);
-        let raw_len = u32::from_le_bytes([b[32], b[33], b[34], b[35]]);
-        let stored_len = u32::from_le_bytes([b[36], b[37], b[38], b[39]]) as usize;
-        if b.len() < 40 + stored_len || raw_len > MAX_FRAME {
-            return Err(Error::Protocol("chunk entry longer than its frame".into()));
-        }
-        out.push(WireChunk {
-            id: wharf_format::ChunkId(id),
-            raw_len,
-            stored: b[40..40 + stored_len].to_vec(),
-        });
-        b = &b[40 + stored_len..];
-    }
-    Ok(out)
-}
-
 pub fn bitmap(bits: impl Iterator<Item = bool>) -> Vec<u8> {
     let mut out = Vec::new();
     for (i, b) in bits.enumerate() {
