@@ -518,8 +518,60 @@ impl WriteStats {
 
 enum ToWriter {
     Chunk(ChunkId, u32, Vec<u8>),
-    /// Verified received entries, laid out as in a pack in the buffer.
-    Entries(Vec<u8>, Vec<ReceivedEntry>),
+    /// Verified received entries, laid out as in a pack in the buffer, and
+    /// the buffer's share of the received-bytes budget.
+    Entries(Vec<u8>, Vec<ReceivedEntry>, Lease),
+}
+
+/// Received buffers held between [`ChunkWriter::put_received`] and the pack
+/// writer: queues count buffers, and a sender chooses their size (a frame
+/// may be up to 64 MiB), so bytes are bounded here. A buffer larger than the
+/// whole budget is admitted once nothing else is held, so any frame the
+/// protocol allows still goes through, alone.
+pub const RECEIVED_BYTES: u64 = 32 << 20;
+
+/// Bytes of received buffers alive in the pipeline, and the most there ever
+/// were (for tests and reports).
+#[derive(Default)]
+struct ByteBudget {
+    held: Mutex<u64>,
+    freed: std::sync::Condvar,
+    peak: AtomicU64,
+}
+
+/// A received buffer, its entries, and its share of the budget.
+type Received = (Vec<u8>, Vec<ReceivedEntry>, Lease);
+
+/// A buffer's share of a [`ByteBudget`], given back when dropped.
+struct Lease {
+    budget: Arc<ByteBudget>,
+    bytes: u64,
+}
+
+impl ByteBudget {
+    /// Waits until `bytes` more fit under `limit`, or nothing is held.
+    fn take(self: &Arc<Self>, bytes: u64, limit: u64) -> Result<Lease> {
+        let poisoned = || Error::Corrupt("received-bytes budget lock poisoned".into());
+        let mut held = self.held.lock().map_err(|_| poisoned())?;
+        while *held > 0 && *held + bytes > limit {
+            held = self.freed.wait(held).map_err(|_| poisoned())?;
+        }
+        *held += bytes;
+        self.peak.fetch_max(*held, Ordering::Relaxed);
+        Ok(Lease {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Ok(mut held) = self.budget.held.lock() {
+            *held -= self.bytes;
+        }
+        self.budget.freed.notify_all();
+    }
 }
 
 /// One chunk of a buffer of received entries ([`ChunkWriter::put_received`]):
@@ -551,7 +603,8 @@ pub struct ChunkWriter {
     /// Chunks that arrive already compressed (transfers) skip the workers.
     to_writer: Option<Sender<ToWriter>>,
     /// Received entries go through the verifying stage first.
-    to_verify: Option<Sender<(Vec<u8>, Vec<ReceivedEntry>)>>,
+    to_verify: Option<Sender<Received>>,
+    received_bytes: Arc<ByteBudget>,
     verifier: Option<JoinHandle<Result<()>>>,
     workers: Vec<JoinHandle<Result<()>>>,
     writer: Option<JoinHandle<Result<()>>>,
@@ -597,7 +650,7 @@ impl ChunkWriter {
         }
         let pending = Arc::new(Mutex::new(HashSet::new()));
         let stats = Arc::new(WriteStats::default());
-        let (vtx, vrx) = bounded::<(Vec<u8>, Vec<ReceivedEntry>)>(RECEIVED_QUEUE);
+        let (vtx, vrx) = bounded::<Received>(RECEIVED_QUEUE);
         let verifier = {
             let store = store.clone();
             let pending = pending.clone();
@@ -626,6 +679,7 @@ impl ChunkWriter {
             to_compress: Some(ctx),
             to_writer: Some(wtx),
             to_verify: Some(vtx),
+            received_bytes: Arc::default(),
             verifier: Some(verifier),
             workers,
             writer: Some(writer),
@@ -771,9 +825,12 @@ impl ChunkWriter {
         if entries.is_empty() {
             return Ok(());
         }
+        let lease = self
+            .received_bytes
+            .take(buf.capacity() as u64, RECEIVED_BYTES)?;
         let sent = match &self.to_verify {
             Some(tx) if self.failure.lock().map(|f| f.is_none()).unwrap_or(false) => {
-                tx.send((buf, entries)).is_ok()
+                tx.send((buf, entries, lease)).is_ok()
             }
             _ => false,
         };
@@ -783,6 +840,12 @@ impl ChunkWriter {
                 .unwrap_or_else(|| Error::Corrupt("chunk writer stopped unexpectedly".into())));
         }
         Ok(())
+    }
+
+    /// The most bytes of received buffers this session held at once, from
+    /// [`put_received`](Self::put_received) to the pack (see [`RECEIVED_BYTES`]).
+    pub fn received_bytes_peak(&self) -> u64 {
+        self.received_bytes.peak.load(Ordering::Relaxed)
     }
 
     fn stop(&mut self) -> Result<()> {
@@ -874,14 +937,14 @@ fn check_received(id: &ChunkId, raw_len: u32, stored: &[u8]) -> Result<()> {
 /// bad one passed on to the pack writer.
 fn verify_received(
     store: Arc<Store>,
-    rx: Receiver<(Vec<u8>, Vec<ReceivedEntry>)>,
+    rx: Receiver<Received>,
     tx: Sender<ToWriter>,
     pending: Arc<Mutex<HashSet<ChunkId>>>,
     stats: Arc<WriteStats>,
 ) -> Result<()> {
     use rayon::prelude::*;
     let queued = |id: &ChunkId| pending.lock().map(|p| p.contains(id)).unwrap_or(false);
-    for (buf, entries) in rx {
+    for (buf, entries, lease) in rx {
         // Ok(true): verified and new; Ok(false): already here, not read.
         let checked: Vec<Result<bool>> = entries
             .par_iter()
@@ -919,7 +982,7 @@ fn verify_received(
                 }
             }
         }
-        if !keep.is_empty() && tx.send(ToWriter::Entries(buf, keep)).is_err() {
+        if !keep.is_empty() && tx.send(ToWriter::Entries(buf, keep, lease)).is_err() {
             // The writer stopped; its error is the one reported.
             return Ok(());
         }
@@ -1040,7 +1103,7 @@ fn write_packs(
         for msg in rx {
             let (id, raw_len, z) = match msg {
                 ToWriter::Chunk(id, raw_len, z) => (id, raw_len, z),
-                ToWriter::Entries(buf, entries) => {
+                ToWriter::Entries(buf, entries, _lease) => {
                     write_entries(
                         &buf,
                         &entries,

@@ -413,3 +413,76 @@ fn chunks_are_stored_at_the_store_level_and_the_default_beats_level_3() {
         "stored {stored_total} bytes, level 3 would take {level3_total}"
     );
 }
+
+/// Incompressible bytes: stored chunks as large as their content.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len + 8);
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// A PUT payload (PROTOCOL.md §9.1): pack entries back to back, each a
+/// 40-byte header (id, raw length, stored length) and one zstd frame.
+fn received_payload(chunks: &[Vec<u8>]) -> (Vec<u8>, Vec<wharf_format::store::ReceivedEntry>) {
+    use wharf_format::hash::ChunkId;
+    let mut buf = Vec::new();
+    let mut entries = Vec::new();
+    for raw in chunks {
+        let z = zstd::bulk::compress(raw, 1).unwrap();
+        let id = ChunkId::of(raw);
+        buf.extend_from_slice(&id.0);
+        buf.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&(z.len() as u32).to_le_bytes());
+        entries.push(wharf_format::store::ReceivedEntry {
+            id,
+            raw_len: raw.len() as u32,
+            at: buf.len(),
+            len: z.len(),
+        });
+        buf.extend_from_slice(&z);
+    }
+    buf.shrink_to_fit();
+    (buf, entries)
+}
+
+#[test]
+fn received_buffers_are_bounded_in_bytes_not_in_count() {
+    use wharf_format::store::{ChunkWriter, RECEIVED_BYTES};
+    let (_d, store) = new_store();
+    let writer = ChunkWriter::new(store.clone(), 1).unwrap();
+    // Ten payloads of 12 MiB of incompressible chunks: the queues between
+    // the stages hold up to 17 buffers, which would be 200 MiB.
+    let mut ids = Vec::new();
+    let mut largest = 0;
+    for p in 0..10u64 {
+        let chunks: Vec<Vec<u8>> = (0..12u64).map(|c| noise(1 << 20, p * 100 + c)).collect();
+        let (buf, entries) = received_payload(&chunks);
+        ids.extend(entries.iter().map(|e| e.id));
+        largest = largest.max(buf.capacity() as u64);
+        writer.put_received(buf, entries).unwrap();
+    }
+    // One payload larger than the whole budget still goes through, alone.
+    let huge: Vec<Vec<u8>> = (0..40u64).map(|c| noise(1 << 20, 5000 + c)).collect();
+    let (buf, entries) = received_payload(&huge);
+    ids.extend(entries.iter().map(|e| e.id));
+    let huge_len = buf.capacity() as u64;
+    assert!(huge_len > RECEIVED_BYTES);
+    writer.put_received(buf, entries).unwrap();
+    let peak = writer.received_bytes_peak();
+    writer.finish().unwrap();
+    assert!(
+        peak >= largest && peak <= RECEIVED_BYTES.max(huge_len),
+        "held {peak} bytes at the peak; budget {RECEIVED_BYTES}, largest payload {huge_len}"
+    );
+    store.reload_index().unwrap();
+    for id in &ids {
+        assert!(store.contains(id), "chunk {id} was not stored");
+    }
+}
