@@ -32,6 +32,17 @@ use std::io::{BufReader, Cursor, Read, Seek, SeekFrom, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
+/// Deepest hash-chain walk preflate models by default: enough for
+/// klauspost/compress and pgzip (what `skopeo`, `podman` and containers/image
+/// write), whose fast encoders take matches thousands of hops down a full
+/// chain. Those streams cost about 5 MB/s of content to analyse and again to
+/// rebuild on 2 cores, against 15–40 MB/s for zlib's and Go's.
+pub const DEEP_CHAIN: u32 = preflate_rs::MAX_CHAIN_ESTIMATE;
+/// The model of stock preflate: zlib (gzip, pigz, Python) and Go's
+/// compress/gzip at their usual levels fit in it; `wharf add --gzip-fast`
+/// stores deeper streams as they are instead.
+pub const FAST_CHAIN: u32 = 4096;
+
 /// Magic at the start of every reconstruction stream.
 pub const RECON_MAGIC: &[u8; 4] = b"WGZ1";
 /// Record tags of the reconstruction stream.
@@ -168,8 +179,10 @@ pub fn analyze(
     input: &mut dyn Read,
     spool: &mut dyn Write,
     recon: &mut dyn Write,
+    max_chain: u32,
 ) -> Result<Analysis> {
     let mut a = Analyzer {
+        max_chain,
         input,
         spool,
         recon: RecordWriter { out: recon, len: 0 },
@@ -228,6 +241,8 @@ impl RecordWriter<'_> {
 }
 
 struct Analyzer<'a> {
+    /// Deepest hash-chain walk preflate may model ([`FAST_CHAIN`], [`DEEP_CHAIN`]).
+    max_chain: u32,
     input: &'a mut dyn Read,
     spool: &'a mut dyn Write,
     recon: RecordWriter<'a>,
@@ -383,7 +398,7 @@ impl Analyzer<'_> {
             plain_text_limit: PLAIN_LIMIT,
             // The caller rebuilds from what it stores and compares digests.
             verify_compression: false,
-            ..PreflateConfig::default()
+            max_chain_length: self.max_chain,
         };
         let mut p = PreflateStreamProcessor::new(&config);
         let mut window = WINDOW;

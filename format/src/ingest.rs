@@ -47,6 +47,9 @@ pub struct AddOptions {
     pub threads: usize,
     /// Counts input bytes read, for progress display.
     pub progress: Option<Arc<AtomicU64>>,
+    /// gzip effort: how deep a match finder preflate may model before a gzip
+    /// member is stored as it is (`None`: [`gzip::DEEP_CHAIN`]).
+    pub gzip_max_chain: Option<u32>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -94,6 +97,7 @@ pub fn add(
         layers: Vec::new(),
         known: KnownLayers::load(store)?,
         compression: None,
+        gzip_max_chain: opts.gzip_max_chain.unwrap_or(crate::gzip::DEEP_CHAIN),
     };
     // The whole tar's SHA-256 and BLAKE3 are computed on a reader thread, so
     // they overlap with the walk instead of adding to it.
@@ -342,6 +346,7 @@ struct Ingester<'w> {
     known: KnownLayers,
     /// How the compressed member just stored was handled, for its layers entry.
     compression: Option<Compression>,
+    gzip_max_chain: u32,
 }
 
 /// Layers of the images already in the store, for the whole-layer fast path.
@@ -703,7 +708,7 @@ impl Ingester<'_> {
         let mut spool_w = std::io::BufWriter::with_capacity(1 << 20, spool_file);
         let mut recon_w = std::io::BufWriter::with_capacity(1 << 20, recon_file);
         let mut input = Cursor::new(first).chain(&mut *r);
-        let analysis = gzip::analyze(&mut input, &mut spool_w, &mut recon_w)?;
+        let analysis = gzip::analyze(&mut input, &mut spool_w, &mut recon_w, self.gzip_max_chain)?;
         std::io::Write::flush(&mut spool_w).map_err(Error::Stream)?;
         std::io::Write::flush(&mut recon_w).map_err(Error::Stream)?;
         drop((spool_w, recon_w));

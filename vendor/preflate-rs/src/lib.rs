@@ -48,6 +48,13 @@ pub use stream_processor::{
     preflate_whole_deflate_stream, recreate_whole_deflate_stream,
 };
 
+/// Deepest hash-chain walk the parameter estimators accept (wharf patch:
+/// 4,096 upstream). klauspost/compress's encoders, which `skopeo`,
+/// containers/image and pgzip use, take matches deeper than 4,096 hops of a
+/// full chain; the token predictor's own fallback search stays at 4,096, so
+/// streams modelled before this change rebuild exactly as before.
+pub const MAX_CHAIN_ESTIMATE: u32 = 32768;
+
 /// Configure the preflate stream processor
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PreflateConfig {
@@ -69,7 +76,7 @@ pub struct PreflateConfig {
 impl Default for PreflateConfig {
     fn default() -> Self {
         Self {
-            max_chain_length: 4096,
+            max_chain_length: MAX_CHAIN_ESTIMATE,
             plain_text_limit: 128 * 1024 * 1024,
             verify_compression: true,
         }

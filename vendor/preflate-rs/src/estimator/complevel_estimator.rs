@@ -83,7 +83,7 @@ pub fn estimate_preflate_comp_level(
         .min_by(|&a, &b| a.max_chain_found().cmp(&b.max_chain_found()))
         .unwrap();
 
-    if candidate.max_chain_found() > 4096 {
+    if candidate.max_chain_found() > crate::MAX_CHAIN_ESTIMATE {
         return err_exit_code(
             ExitCode::NoCompressionCandidates,
             "no candidate found with reasonable chain length",
@@ -119,7 +119,7 @@ pub fn estimate_preflate_comp_level(
         }
     }
 
-    if candidate.max_chain_found() >= 4096 {
+    if candidate.max_chain_found() >= crate::MAX_CHAIN_ESTIMATE {
         return err_exit_code(
             ExitCode::NoCompressionCandidates,
             format!("max_chain_found too large: {}", candidate.max_chain_found()),

@@ -215,7 +215,7 @@ impl<H: HashImplementation> HashTableDepthEstimator for HashTableDepthEstimatorI
                 std::cmp::max(self.longest_dist_at_hop_1_plus, token.dist());
         }
 
-        mdepth < 4096
+        mdepth < crate::MAX_CHAIN_ESTIMATE
     }
 
     fn hash_algorithm(&self) -> HashAlgorithm {
@@ -294,7 +294,7 @@ impl HashTableDepthEstimator for HashTableDepthEstimatorLibdeflate {
 
         self.max_chain_found = std::cmp::max(self.max_chain_found, mdepth);
 
-        mdepth < 4096
+        mdepth < crate::MAX_CHAIN_ESTIMATE
     }
 
     fn max_chain_found(&self) -> u32 {

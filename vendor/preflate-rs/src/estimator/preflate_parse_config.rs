@@ -115,6 +115,6 @@ pub const SLOW_PREFLATE_PARSER_SETTINGS: [PreflateParserConfig; 6] = [
         },
         dictionary_add_policy: DictionaryAddPolicy::AddAll,
         nice_length: 258,
-        max_chain: 4096,
+        max_chain: crate::MAX_CHAIN_ESTIMATE,
     }, // max compression
 ];
