@@ -2675,6 +2675,25 @@ def targets(R, a):
             if s == "rebuild" and reg:
                 rows.append((f"{fmt}/rebuild: wharf store (new chunks) >= 10x fewer bytes than registry layer reuse",
                              f"{reg / max(w, 1):.1f}x", reg >= 10 * w))
+    # issue 5: "wharf's ingest and rebuild are faster than every chunking peer on the same data"
+    speed_peers = [t for t in CHUNKING_PEERS if t != "rsync batch"]
+    for fmt in full:
+        for s in R["scenarios"]:
+            p = pair_for(R, fmt, s)
+            if not p:
+                continue
+            peers = [r for pp in R.get("peers", []) if pp["format"] == fmt and pp["scenario"] == s
+                     for r in pp["rows"] if r.get("tool") in speed_peers and "error" not in r]
+            for key, wkey, what in [("ingest_secs", "add_secs", "ingest of v2"),
+                                    ("rebuild_secs", "extract_secs", "rebuild of v2")]:
+                timed = [(r["tool"], r[key]) for r in peers if r.get(key)]
+                if not timed or not p.get(wkey):
+                    continue
+                fastest = min(timed, key=lambda x: x[1])
+                rows.append((f"{fmt}/{s}: wharf's {what} faster than every chunking peer "
+                             f"({', '.join(t for t, _ in timed)}) (issue 5)",
+                             f"wharf {sec(p[wkey])} s; fastest peer {fastest[0]} {sec(fastest[1])} s",
+                             p[wkey] < fastest[1]))
     # issue 7: what crosses the wire, with deltas, against every peer (the byte-level deltas included)
     for fmt in full:
         for s in R["scenarios"]:
