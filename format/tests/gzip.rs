@@ -595,3 +595,62 @@ fn pgzip_layers_from_skopeo_round_trip_through_the_deep_model() {
     let c = deep.compression.as_ref().expect("compression recorded");
     assert_eq!(c.plain_len, Some(331_264));
 }
+
+/// Extract rebuilds the next gzip layer on a second thread while the stream
+/// rebuilds the current one: the layers still come out in order and
+/// byte-identical, and a layer that fails on that thread fails the extract,
+/// naming what is corrupt, with nothing left behind.
+#[test]
+fn gzip_layers_rebuilt_ahead_stay_in_order_and_verified() {
+    use wharf_format::backend::ObjectKind;
+    let (_d, store) = new_store();
+    let gz: Vec<Vec<u8>> = (0..4)
+        .map(|i| gzip_with(&layer(25 + 5 * i, 1_700_000_000, 40 + i as u64), 6))
+        .collect();
+    let first: Vec<&[u8]> = gz[..3].iter().map(|g| g.as_slice()).collect();
+    assert_round_trip(&store, "three", &image(&first));
+    let packs_before = store.backend().list(ObjectKind::Pack).unwrap();
+    // The same layers in another order, and a fourth whose chunks alone go
+    // to a new pack.
+    let all: Vec<&[u8]> = vec![&gz[2], &gz[0], &gz[3], &gz[1]];
+    let img = image(&all);
+    assert_round_trip(&store, "four", &img);
+    assert!(layers(&store, "four").iter().all(|l| l
+        .compression
+        .as_ref()
+        .is_some_and(|c| c.method == "preflate")));
+    let fresh: Vec<String> = store
+        .backend()
+        .list(ObjectKind::Pack)
+        .unwrap()
+        .into_iter()
+        .filter(|p| !packs_before.contains(p))
+        .collect();
+    assert_eq!(fresh.len(), 1, "one new pack: {fresh:?}");
+    let path = store
+        .backend()
+        .local_path(ObjectKind::Pack, &fresh[0])
+        .unwrap()
+        .expect("a local pack");
+    // The fourth layer's content is most of the new pack: damage its middle.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let target = out.path().join("four.tar");
+    let err = wharf_format::extract::extract_to_file(&store, "four", &target, None)
+        .expect_err("a damaged chunk of a layer rebuilt ahead was not noticed");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("chunk") && msg.contains("four"),
+        "error does not say what is corrupt: {msg}"
+    );
+    assert_eq!(
+        std::fs::read_dir(out.path()).unwrap().count(),
+        0,
+        "extract left a file behind"
+    );
+    // Nothing else is harmed.
+    assert_eq!(extract(&store, "three"), image(&first));
+}
