@@ -80,15 +80,16 @@ enum Cmd {
         /// The name to store it under, e.g. `pytorch:v2`. Replaces an existing name.
         #[arg(long, short)]
         name: String,
-        /// Store gzip layers whose compressor preflate can only model slowly as
-        /// they are. Layers written by klauspost/pgzip (skopeo, podman, buildah)
-        /// take matches deep down the match finder's chains: modelling them
-        /// costs about 5 MB/s of content here, at add and again at extract.
-        /// With this flag they are stored compressed: fast, but nothing in them
-        /// is shared with other versions. zlib-made (gzip, pigz) and most
-        /// Go-made (Docker, BuildKit) layers are unaffected.
+        /// Store by content also the gzip layers whose compressor takes matches
+        /// deep down its match finder's chains: klauspost/pgzip, which skopeo,
+        /// podman and buildah use. Without it such layers are stored as they
+        /// are (fast, but nothing in them is shared with other versions; `wharf
+        /// info` says which). With it they dedup like any layer, but cost about
+        /// 5 MB/s of content to add and again to extract on two cores: worth it
+        /// for archives and slow links. zlib-made (gzip, pigz) and most Go-made
+        /// (Docker, BuildKit) layers are stored by content either way.
         #[arg(long)]
-        gzip_fast: bool,
+        gzip_deep: bool,
     },
     /// List stored images with their sizes and what each alone holds.
     Ls,
@@ -388,7 +389,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Add {
             input,
             name,
-            gzip_fast,
+            gzip_deep,
         } => {
             let store = open_store(&store_path)?;
             let (mut reader, total): (Box<dyn Read + Send>, Option<u64>) = if input == "-" {
@@ -401,7 +402,7 @@ fn run(cli: Cli) -> Result<()> {
             let bar = progress::Bar::start(show_progress, total, "adding");
             let opts = AddOptions {
                 progress: Some(bar.counter()),
-                gzip_max_chain: gzip_fast.then_some(wharf_format::gzip::FAST_CHAIN),
+                gzip_max_chain: gzip_deep.then_some(wharf_format::gzip::DEEP_CHAIN),
                 ..AddOptions::default()
             };
             let rep = ingest::add(&store, &mut reader, &name, &opts);

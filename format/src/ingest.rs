@@ -48,7 +48,7 @@ pub struct AddOptions {
     /// Counts input bytes read, for progress display.
     pub progress: Option<Arc<AtomicU64>>,
     /// gzip effort: how deep a match finder preflate may model before a gzip
-    /// member is stored as it is (`None`: [`gzip::DEEP_CHAIN`]).
+    /// member is stored as it is (`None`: [`gzip::FAST_CHAIN`]).
     pub gzip_max_chain: Option<u32>,
 }
 
@@ -97,7 +97,7 @@ pub fn add(
         layers: Vec::new(),
         known: KnownLayers::load(store)?,
         compression: None,
-        gzip_max_chain: opts.gzip_max_chain.unwrap_or(crate::gzip::DEEP_CHAIN),
+        gzip_max_chain: opts.gzip_max_chain.unwrap_or(crate::gzip::FAST_CHAIN),
     };
     // The whole tar's SHA-256 and BLAKE3 are computed on a reader thread, so
     // they overlap with the walk instead of adding to it.
