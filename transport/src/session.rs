@@ -227,9 +227,15 @@ impl Receiver {
 
     fn writer(&mut self) -> Result<&ChunkWriter> {
         if self.writer.is_none() {
+            // Chunks rebuilt from deltas are compressed again at the store's
+            // level, on every core: with one thread that was the slowest
+            // stage of a delta push.
+            let threads = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2);
             self.writer = Some(ChunkWriter::with_pack_target(
                 self.store.clone(),
-                1,
+                threads,
                 RECEIVE_PACK_TARGET,
             )?);
         }
