@@ -514,17 +514,31 @@ pub fn bundle(
             json,
         );
     }
-    let dir = output
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = tempfile::NamedTempFile::new_in(dir)?;
-    let mut w = std::io::BufWriter::new(tmp.reopen()?);
-    let rep = bundle::write_bundle(store, name, have, &have_ids, deltas, &mut w)?;
-    drop(w);
-    tmp.as_file().sync_all()?;
-    tmp.persist(output)
-        .with_context(|| format!("write {}", output.display()))?;
+    let rep = if wharf_format::extract::is_special_file(output) {
+        // A device or FIFO (`-o /dev/stdout`, a pipe to ssh) is written in
+        // place: renaming a file over it would replace it.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(output)
+            .with_context(|| format!("open {}", output.display()))?;
+        let mut w = std::io::BufWriter::new(f);
+        let rep = bundle::write_bundle(store, name, have, &have_ids, deltas, &mut w)?;
+        std::io::Write::flush(&mut w).with_context(|| format!("write {}", output.display()))?;
+        rep
+    } else {
+        let dir = output
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let tmp = tempfile::NamedTempFile::new_in(dir)?;
+        let mut w = std::io::BufWriter::new(tmp.reopen()?);
+        let rep = bundle::write_bundle(store, name, have, &have_ids, deltas, &mut w)?;
+        drop(w);
+        tmp.as_file().sync_all()?;
+        tmp.persist(output)
+            .with_context(|| format!("write {}", output.display()))?;
+        rep
+    };
     if json {
         out!("{}", serde_json::to_string_pretty(&rep)?);
     } else {

@@ -218,6 +218,65 @@ fn stdin_and_stdout_round_trip() {
     assert!(out.stdout == data);
 }
 
+/// `-o` naming a FIFO or a device (`-o /dev/null`, a pipe into `docker
+/// load`) writes into it: the temporary-file-and-rename that protects a
+/// regular output file must never replace the special file (it once turned
+/// the machine's `/dev/null` into a regular file).
+#[test]
+fn outputs_that_are_fifos_are_written_not_replaced() {
+    use std::os::unix::fs::FileTypeExt;
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("store");
+    ok(wharf(&store).arg("init").output().unwrap());
+    let data = bytes(3_000_000, 21);
+    let f = write(d.path(), "in.bin", &data);
+    ok(wharf(&store)
+        .args(["add"])
+        .arg(&f)
+        .args(["--name", "v1"])
+        .output()
+        .unwrap());
+    let mut more = data.clone();
+    more.extend_from_slice(&bytes(500_000, 22));
+    let f2 = write(d.path(), "in2.bin", &more);
+    ok(wharf(&store)
+        .args(["add"])
+        .arg(&f2)
+        .args(["--name", "v2"])
+        .output()
+        .unwrap());
+    for (what, args) in [
+        ("extract", vec!["extract", "v1", "-o"]),
+        ("bundle", vec!["bundle", "v2", "--have", "v1", "-o"]),
+    ] {
+        let fifo = d.path().join(format!("{what}.fifo"));
+        let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success(), "mkfifo failed");
+        // Opening a FIFO blocks until the other end opens: read on a thread.
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::read(fifo).unwrap())
+        };
+        let out = wharf(&store).args(&args).arg(&fifo).output().unwrap();
+        let is_fifo = std::fs::symlink_metadata(&fifo)
+            .map(|m| m.file_type().is_fifo())
+            .unwrap_or(false);
+        // Checked before joining: had the FIFO been replaced, the reader
+        // would wait forever on the old one.
+        assert!(is_fifo, "{what} -o FIFO replaced the FIFO");
+        ok(out);
+        let got = reader.join().unwrap();
+        match what {
+            "extract" => assert!(got == data, "extract into a FIFO: wrong bytes"),
+            _ => assert!(
+                got.starts_with(b"WHARFBD") && got.len() > 1000,
+                "bundle into a FIFO: {} bytes",
+                got.len()
+            ),
+        }
+    }
+}
+
 /// skopeo reads what we rebuild; skipped, visibly, where skopeo is missing.
 #[test]
 fn skopeo_reads_rebuilt_archives() {

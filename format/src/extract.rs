@@ -490,14 +490,35 @@ fn copy_file(path: &Path, out: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()
     }
 }
 
+/// Whether `path` names something that is written in place rather than
+/// replaced: a device (`/dev/null`, a tape), a FIFO or a socket. Renaming a
+/// finished temporary file over such a path would replace, say, the
+/// system's `/dev/null` with a regular file.
+pub fn is_special_file(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir())
+}
+
 /// Extracts to `path` through a temporary file beside it, renamed into place
-/// only once the whole tar has been verified.
+/// only once the whole tar has been verified. A device, FIFO or socket
+/// ([`is_special_file`]) is written directly, as stdout is: on failure it
+/// holds a prefix and the error says so.
 pub fn extract_to_file(
     store: &Arc<Store>,
     name: &str,
     path: &Path,
     progress: Option<Arc<AtomicU64>>,
 ) -> Result<Recipe> {
+    if is_special_file(path) {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .ctx("open", path)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        return extract(store, name, &mut w, progress).and_then(|r| {
+            w.flush().map_err(Error::Stream)?;
+            Ok(r)
+        });
+    }
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),
