@@ -54,3 +54,18 @@ pub fn file_bytes(len: usize, seed: u64) -> Vec<u8> {
     v.truncate(len);
     v
 }
+
+/// Incompressible bytes (xorshift; seeds that differ only in their lowest
+/// bit give the same bytes).
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}

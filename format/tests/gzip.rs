@@ -30,20 +30,6 @@ fn layer(n: usize, mtime: u64, seed: u64) -> Vec<u8> {
     w.into_inner()
 }
 
-/// Incompressible bytes.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
 fn gzip_with(data: &[u8], level: u32) -> Vec<u8> {
     let mut e = GzBuilder::new().write(Vec::new(), Level::new(level));
     e.write_all(data).unwrap();

@@ -414,20 +414,6 @@ fn chunks_are_stored_at_the_store_level_and_the_default_beats_level_3() {
     );
 }
 
-/// Incompressible bytes: stored chunks as large as their content.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len + 8);
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
 /// A PUT payload (PROTOCOL.md §9.1): pack entries back to back, each a
 /// 40-byte header (id, raw length, stored length) and one zstd frame.
 fn received_payload(chunks: &[Vec<u8>]) -> (Vec<u8>, Vec<wharf_format::store::ReceivedEntry>) {
@@ -462,14 +448,16 @@ fn received_buffers_are_bounded_in_bytes_not_in_count() {
     let mut ids = Vec::new();
     let mut largest = 0;
     for p in 0..10u64 {
-        let chunks: Vec<Vec<u8>> = (0..12u64).map(|c| noise(1 << 20, p * 100 + c)).collect();
+        let chunks: Vec<Vec<u8>> = (0..12u64)
+            .map(|c| noise(1 << 20, 2 * (p * 100 + c)))
+            .collect();
         let (buf, entries) = received_payload(&chunks);
         ids.extend(entries.iter().map(|e| e.id));
         largest = largest.max(buf.capacity() as u64);
         writer.put_received(buf, entries).unwrap();
     }
     // One payload larger than the whole budget still goes through, alone.
-    let huge: Vec<Vec<u8>> = (0..40u64).map(|c| noise(1 << 20, 5000 + c)).collect();
+    let huge: Vec<Vec<u8>> = (0..40u64).map(|c| noise(1 << 20, 2 * (5000 + c))).collect();
     let (buf, entries) = received_payload(&huge);
     ids.extend(entries.iter().map(|e| e.id));
     let huge_len = buf.capacity() as u64;
