@@ -69,6 +69,7 @@ pub fn save_cmd(
     store: &Arc<Store>,
     images: &[String],
     name: Option<&str>,
+    gzip_max_chain: Option<u32>,
     json: bool,
     show_progress: bool,
 ) -> Result<()> {
@@ -85,7 +86,7 @@ pub fn save_cmd(
     let mut done: Vec<String> = Vec::new();
     let mut out = Vec::new();
     for (set, name) in jobs {
-        let rep = save(store, &set, &name, show_progress).map_err(|e| {
+        let rep = save(store, &set, &name, gzip_max_chain, show_progress).map_err(|e| {
             if done.is_empty() {
                 e
             } else {
@@ -126,6 +127,7 @@ pub fn save(
     store: &Arc<Store>,
     images: &[String],
     name: &str,
+    gzip_max_chain: Option<u32>,
     show_progress: bool,
 ) -> Result<AddReport> {
     let what = format!("docker save {}", images.join(" "));
@@ -143,6 +145,7 @@ pub fn save(
     let bar = progress::Bar::start(show_progress, None, "saving");
     let opts = AddOptions {
         progress: Some(bar.counter()),
+        gzip_max_chain,
         ..AddOptions::default()
     };
     let mut input = DockerOutput {

@@ -72,6 +72,11 @@ enum Cmd {
         /// zstd level for new chunks (1-22): higher is smaller and slower to add; extract speed barely changes.
         #[arg(long, default_value_t = DEFAULT_ZSTD_LEVEL)]
         zstd_level: i32,
+        /// Make `--gzip-deep` (see `wharf add --help`) the default of every add, save and push
+        /// --from-docker into this store: for archives of skopeo/podman-made images, where every
+        /// version should dedup against the last. Recorded in the store's config.json.
+        #[arg(long)]
+        gzip_deep: bool,
     },
     /// Store an image tar (from `docker save`) under a name. Reads a file, or stdin with `-`.
     Add {
@@ -80,16 +85,8 @@ enum Cmd {
         /// The name to store it under, e.g. `pytorch:v2`. Replaces an existing name.
         #[arg(long, short)]
         name: String,
-        /// Store by content also the gzip layers whose compressor takes matches
-        /// deep down its match finder's chains: klauspost/pgzip, which skopeo,
-        /// podman and buildah use. Without it such layers are stored as they
-        /// are (fast, but nothing in them is shared with other versions; `wharf
-        /// info` says which). With it they dedup like any layer, but cost about
-        /// 5 MB/s of content to add and again to extract on two cores: worth it
-        /// for archives and slow links. zlib-made (gzip, pigz) and most Go-made
-        /// (Docker, BuildKit) layers are stored by content either way.
-        #[arg(long)]
-        gzip_deep: bool,
+        #[command(flatten)]
+        gzip: GzipArgs,
     },
     /// List stored images with their sizes and what each alone holds.
     Ls,
@@ -137,6 +134,8 @@ enum Cmd {
         /// Store all the images, saved together, under this one name.
         #[arg(long, short)]
         name: Option<String>,
+        #[command(flatten)]
+        gzip: GzipArgs,
     },
     /// Rebuild an image and stream it into `docker load`, verified as it goes.
     ///
@@ -172,6 +171,9 @@ enum Cmd {
         /// temporary tar), then push it. The whole path from an engine to another store.
         #[arg(long)]
         from_docker: bool,
+        /// With --from-docker: see `wharf add --help`.
+        #[command(flatten)]
+        gzip: GzipArgs,
         /// Negotiate and show, per layer, what would be sent; send nothing.
         #[arg(long)]
         dry_run: bool,
@@ -266,6 +268,29 @@ enum Cmd {
     },
 }
 
+/// How hard ingest works to store gzip layers by content.
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct GzipArgs {
+    /// Store by content also the gzip layers whose compressor takes matches
+    /// deep down its match finder's chains: klauspost/pgzip, which skopeo,
+    /// podman and buildah use. Without it such layers are stored as they
+    /// are (fast, but nothing in them is shared with other versions; `wharf
+    /// info` says which). With it they dedup like any layer, but cost about
+    /// 5 MB/s of content to add and again to extract on two cores: worth it
+    /// for archives and slow links. zlib-made (gzip, pigz) and most Go-made
+    /// (Docker, BuildKit) layers are stored by content either way. A store
+    /// made with `wharf init --gzip-deep` does this on every add.
+    #[arg(long)]
+    gzip_deep: bool,
+}
+
+impl GzipArgs {
+    /// `None` leaves the choice to the store's config.
+    fn max_chain(self) -> Option<u32> {
+        self.gzip_deep.then_some(wharf_format::gzip::DEEP_CHAIN)
+    }
+}
+
 /// How chunks the receiver lacks may travel as deltas.
 #[derive(clap::Args, Debug, Clone, Copy)]
 struct DeltaArgs {
@@ -355,6 +380,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Init {
             avg_chunk_kib,
             zstd_level,
+            gzip_deep,
         } => {
             let avg = avg_chunk_kib
                 .checked_mul(1024)
@@ -366,6 +392,7 @@ fn run(cli: Cli) -> Result<()> {
                     max: avg.saturating_mul(4),
                 },
                 zstd_level,
+                gzip_max_chain: gzip_deep.then_some(wharf_format::gzip::DEEP_CHAIN),
                 ..StoreConfig::default()
             };
             match object_backend(&store_path)? {
@@ -386,11 +413,7 @@ fn run(cli: Cli) -> Result<()> {
                 out!("created a wharf store at {}", store_path.display());
             }
         }
-        Cmd::Add {
-            input,
-            name,
-            gzip_deep,
-        } => {
+        Cmd::Add { input, name, gzip } => {
             let store = open_store(&store_path)?;
             let (mut reader, total): (Box<dyn Read + Send>, Option<u64>) = if input == "-" {
                 (Box::new(std::io::stdin()), None)
@@ -402,7 +425,7 @@ fn run(cli: Cli) -> Result<()> {
             let bar = progress::Bar::start(show_progress, total, "adding");
             let opts = AddOptions {
                 progress: Some(bar.counter()),
-                gzip_max_chain: gzip_deep.then_some(wharf_format::gzip::DEEP_CHAIN),
+                gzip_max_chain: gzip.max_chain(),
                 ..AddOptions::default()
             };
             let rep = ingest::add(&store, &mut reader, &name, &opts);
@@ -606,10 +629,11 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Cmd::Save { images, name } => docker::save_cmd(
+        Cmd::Save { images, name, gzip } => docker::save_cmd(
             &open_store(&store_path)?,
             &images,
             name.as_deref(),
+            gzip.max_chain(),
             cli.json,
             show_progress,
         )?,
@@ -623,6 +647,7 @@ fn run(cli: Cli) -> Result<()> {
             as_name,
             token_file,
             from_docker,
+            gzip,
             dry_run,
             deltas,
         } => {
@@ -641,7 +666,13 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             if from_docker {
-                let rep = docker::save(&store, std::slice::from_ref(&name), &name, show_progress)?;
+                let rep = docker::save(
+                    &store,
+                    std::slice::from_ref(&name),
+                    &name,
+                    gzip.max_chain(),
+                    show_progress,
+                )?;
                 if !cli.json {
                     eprintln!(
                         "{name}: saved from Docker, {} in, {} new",

@@ -575,3 +575,98 @@ fn pull_with_a_seed_tar_and_no_store() {
         "the seed saved too little: {a} with, {b} without"
     );
 }
+
+/// An OCI-layout-like tar holding one layer blob and a manifest.
+fn image_with_blob(blob: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    let name = format!("blobs/sha256/{}", hex::encode(sha2::Sha256::digest(blob)));
+    let mut w = wharf_format::synth::TarWriter::new(Vec::new());
+    w.file(&name, 0o444, 0, blob).unwrap();
+    w.file("manifest.json", 0o644, 0, format!("[{name:?}]").as_bytes())
+        .unwrap();
+    w.finish().unwrap();
+    w.into_inner()
+}
+
+fn layer_methods(store: &Path, name: &str) -> Vec<String> {
+    let info: serde_json::Value = serde_json::from_str(&ok(wharf(store)
+        .args(["--json", "info", name])
+        .output()
+        .unwrap()))
+    .unwrap();
+    info["layers"]
+        .as_array()
+        .expect("layers in info --json")
+        .iter()
+        .map(|l| {
+            l["compression"]["method"]
+                .as_str()
+                .unwrap_or("none")
+                .to_string()
+        })
+        .collect()
+}
+
+/// `--gzip-deep` reaches ingest from `add`, and `init --gzip-deep` makes it
+/// the store's default: a layer written by klauspost/pgzip (skopeo) is then
+/// stored by content; without either it is kept as it is, and `info` names
+/// the flag. Taking the advice and adding the same image again with the
+/// flag models the layer anew instead of reusing it as it was stored.
+#[test]
+fn gzip_deep_from_add_and_from_the_store_config() {
+    const PGZIP_LAYER: &[u8] =
+        include_bytes!("../../format/tests/fixtures/pgzip-debian-etc.tar.gz");
+    let dir = tempfile::tempdir().unwrap();
+    let tar = dir.path().join("img.tar");
+    let bytes = image_with_blob(PGZIP_LAYER);
+    std::fs::write(&tar, &bytes).unwrap();
+
+    let plain = dir.path().join("plain");
+    ok(wharf(&plain).arg("init").output().unwrap());
+    let config = std::fs::read_to_string(plain.join("config.json")).unwrap();
+    assert!(!config.contains("gzip_max_chain"), "{config}");
+    ok(wharf(&plain)
+        .arg("add")
+        .arg(&tar)
+        .args(["--name", "stock"])
+        .output()
+        .unwrap());
+    assert_eq!(layer_methods(&plain, "stock"), ["raw"]);
+    let text = ok(wharf(&plain).args(["info", "stock"]).output().unwrap());
+    assert!(text.contains("--gzip-deep"), "info names the flag:\n{text}");
+    ok(wharf(&plain)
+        .arg("add")
+        .arg(&tar)
+        .args(["--name", "deep", "--gzip-deep"])
+        .output()
+        .unwrap());
+    assert_eq!(layer_methods(&plain, "deep"), ["preflate"]);
+    // Now known by content, a plain add reuses that form.
+    ok(wharf(&plain)
+        .arg("add")
+        .arg(&tar)
+        .args(["--name", "again"])
+        .output()
+        .unwrap());
+    assert_eq!(layer_methods(&plain, "again"), ["preflate"]);
+
+    let deep = dir.path().join("deep");
+    ok(wharf(&deep).args(["init", "--gzip-deep"]).output().unwrap());
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(deep.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["gzip_max_chain"], 32768, "{config}");
+    ok(wharf(&deep)
+        .arg("add")
+        .arg(&tar)
+        .args(["--name", "x"])
+        .output()
+        .unwrap());
+    assert_eq!(layer_methods(&deep, "x"), ["preflate"]);
+    let out = dir.path().join("out.tar");
+    ok(wharf(&deep)
+        .args(["extract", "x", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap());
+    assert!(std::fs::read(&out).unwrap() == bytes, "byte-identical");
+}

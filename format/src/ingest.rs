@@ -48,7 +48,8 @@ pub struct AddOptions {
     /// Counts input bytes read, for progress display.
     pub progress: Option<Arc<AtomicU64>>,
     /// gzip effort: how deep a match finder preflate may model before a gzip
-    /// member is stored as it is (`None`: [`gzip::FAST_CHAIN`]).
+    /// member is stored as it is (`None`: the store's `gzip_max_chain`, else
+    /// [`gzip::FAST_CHAIN`]).
     pub gzip_max_chain: Option<u32>,
 }
 
@@ -91,13 +92,17 @@ pub fn add(
         opts.threads
     };
     let writer = ChunkWriter::new(store.clone(), threads)?;
+    let gzip_max_chain = opts
+        .gzip_max_chain
+        .or(store.config.gzip_max_chain)
+        .unwrap_or(crate::gzip::FAST_CHAIN);
     let mut ing = Ingester {
         w: &writer,
         params: store.config.chunking,
         layers: Vec::new(),
-        known: KnownLayers::load(store)?,
+        known: KnownLayers::load(store, gzip_max_chain)?,
         compression: None,
-        gzip_max_chain: opts.gzip_max_chain.unwrap_or(crate::gzip::FAST_CHAIN),
+        gzip_max_chain,
     };
     // The whole tar's SHA-256 and BLAKE3 are computed on a reader thread, so
     // they overlap with the walk instead of adding to it.
@@ -363,22 +368,36 @@ pub struct KnownLayers {
 }
 
 impl KnownLayers {
-    pub fn load(store: &Store) -> Result<KnownLayers> {
-        let mut k = KnownLayers::default();
+    /// `gzip_max_chain`: the model depth of this add. A gzip layer stored as
+    /// it is by a shallower model is left out, so that it is modelled again
+    /// (`wharf add --gzip-deep` after a plain add of the same image).
+    pub fn load(store: &Store, gzip_max_chain: u32) -> Result<KnownLayers> {
+        let mut layers = Vec::new();
         for (_, r) in store.list_refs()? {
             // A name whose recipe cannot be read gives no candidates; verify reports it.
             let Ok(rec) = crate::extract::load_recipe(store, &r.recipe) else {
                 continue;
             };
-            for l in rec.layers {
-                k.by_sha.insert(l.sha256.clone(), l.node);
-                k.by_path_len.insert((l.path.clone(), l.len), l.node);
-                if l.len >= SIZE_ONLY_MIN {
-                    k.by_len.insert(l.len, l.node);
-                }
-                if let Some(c) = l.compression {
-                    k.compression.insert(l.node, c);
-                }
+            layers.extend(rec.layers.into_iter().filter(|l| {
+                !l.compression.as_ref().is_some_and(|c| {
+                    c.format == "gzip"
+                        && c.method == "raw"
+                        && c.max_chain.unwrap_or(crate::gzip::FAST_CHAIN) < gzip_max_chain
+                })
+            }));
+        }
+        // One layer stored both ways (a plain add, then a deep one): the
+        // form stored by content wins, as it shares chunks with its versions.
+        layers.sort_by_key(|l| l.compression.as_ref().is_none_or(|c| c.method != "raw"));
+        let mut k = KnownLayers::default();
+        for l in layers {
+            k.by_sha.insert(l.sha256.clone(), l.node);
+            k.by_path_len.insert((l.path.clone(), l.len), l.node);
+            if l.len >= SIZE_ONLY_MIN {
+                k.by_len.insert(l.len, l.node);
+            }
+            if let Some(c) = l.compression {
+                k.compression.insert(l.node, c);
             }
         }
         Ok(k)
@@ -725,6 +744,7 @@ impl Ingester<'_> {
                             members: Some(plan.deflate.len() as u64),
                             params: None,
                             reason: None,
+                            max_chain: None,
                         });
                     }
                     return Ok(body);
@@ -749,7 +769,11 @@ impl Ingester<'_> {
         let mut f = std::fs::File::open(spool).map_err(Error::Stream)?;
         copy_rest(&mut f, &mut |b| data.push(self.w, b))?;
         if depth == 1 {
-            self.compression = Some(Compression::raw(format, reason));
+            let mut c = Compression::raw(format, reason);
+            if format == "gzip" {
+                c.max_chain = Some(self.gzip_max_chain);
+            }
+            self.compression = Some(c);
         }
         Ok(NodeBody::Raw {
             data: data.finish(self.w)?,
@@ -842,6 +866,7 @@ impl Ingester<'_> {
                                 members: Some(plan.deflate.len() as u64),
                                 params: Some(zplan.describe()),
                                 reason: None,
+                                max_chain: None,
                             });
                         }
                         return Ok(body);

@@ -149,6 +149,12 @@ pub struct Compression {
     /// Why the compressed bytes were stored as they are (method "raw").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// gzip stored raw: the deepest match-finder chain the model was allowed
+    /// (absent in recipes written before it was recorded: the stock 4,096).
+    /// A later add allowed deeper models the layer again instead of reusing
+    /// it as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_chain: Option<u32>,
 }
 
 impl Compression {
@@ -162,6 +168,7 @@ impl Compression {
             members: None,
             params: None,
             reason: Some(reason.into()),
+            max_chain: None,
         }
     }
 }

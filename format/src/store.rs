@@ -50,6 +50,12 @@ pub struct StoreConfig {
     pub chunking: ChunkParams,
     pub zstd_level: i32,
     pub pack_target: u64,
+    /// How deep a gzip compressor's match finder writers model before they
+    /// store a layer as it is (`wharf init --gzip-deep`); absent: the stock
+    /// [`crate::gzip::FAST_CHAIN`]. Absent from stores made without it, so
+    /// their `config.json` stays as it was; readers ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gzip_max_chain: Option<u32>,
 }
 
 impl StoreConfig {
@@ -64,6 +70,14 @@ impl StoreConfig {
         if self.pack_target < (1 << 20) || self.pack_target > (3u64 << 30) {
             return Err(Error::Invalid("pack target must be 1 MiB..3 GiB".into()));
         }
+        if let Some(chain) = self.gzip_max_chain {
+            if !(1..=crate::gzip::DEEP_CHAIN).contains(&chain) {
+                return Err(Error::Invalid(format!(
+                    "gzip_max_chain must be 1..={}, got {chain}",
+                    crate::gzip::DEEP_CHAIN
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -75,6 +89,7 @@ impl Default for StoreConfig {
             chunking: ChunkParams::DEFAULT,
             zstd_level: DEFAULT_ZSTD_LEVEL,
             pack_target: pack::DEFAULT_PACK_TARGET,
+            gzip_max_chain: None,
         }
     }
 }
