@@ -670,3 +670,154 @@ fn gzip_deep_from_add_and_from_the_store_config() {
         .unwrap());
     assert!(std::fs::read(&out).unwrap() == bytes, "byte-identical");
 }
+
+/// Runs `script` (bash, `$1` = the wharf binary, `$2` = a directory to work
+/// in) in a mount namespace of its own, where it may mount a small tmpfs to
+/// fill. None, after saying why, where no mount namespace can be made.
+fn in_mount_namespace(script: &str, dir: &Path) -> Option<Output> {
+    let attempts: [&[&str]; 2] = [
+        &["--mount", "--propagation", "private"],
+        &[
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "--propagation",
+            "private",
+        ],
+    ];
+    let probe = |args: &[&str]| {
+        Command::new("unshare")
+            .args(args)
+            .args(["sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let Some(args) = attempts.into_iter().find(|a| probe(a)) else {
+        let why = "SKIPPED: full-disk test: cannot mount a tmpfs in a mount namespace here \
+                   (needs root or unprivileged user namespaces, and util-linux's unshare)";
+        assert!(
+            std::env::var_os("WHARF_REQUIRE_FULL_DISK").is_none(),
+            "{why}, and WHARF_REQUIRE_FULL_DISK is set"
+        );
+        eprintln!("{why}");
+        return None;
+    };
+    let path = dir.join("script.sh");
+    std::fs::write(&path, script).unwrap();
+    Some(
+        Command::new("unshare")
+            .args(args)
+            .arg("bash")
+            .arg(&path)
+            .arg(env!("CARGO_BIN_EXE_wharf"))
+            .arg(dir)
+            .output()
+            .unwrap(),
+    )
+}
+
+/// A full disk, met by add, extract -o and a push into the full store: each
+/// fails with an error that says so (once), leaves no scratch file behind to
+/// keep the disk full, and loses nothing: the store verifies, what it held
+/// extracts byte-identical, and once there is room the same commands work.
+#[test]
+fn a_full_disk_fails_cleanly_and_loses_nothing() {
+    use rand::{RngCore, SeedableRng};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut noise = |n: usize| {
+        let mut v = vec![0u8; n];
+        rng.fill_bytes(&mut v);
+        v
+    };
+    // v1 fits the 6 MB filesystem; v2 (20 MB of incompressible data) cannot.
+    for (name, len) in [("v1", 1_000_000), ("v2", 20_000_000)] {
+        let mut w = wharf_format::synth::TarWriter::new(Vec::new());
+        w.file("data.bin", 0o644, 1_700_000_000, &noise(len))
+            .unwrap();
+        w.finish().unwrap();
+        std::fs::write(d.join(format!("{name}.tar")), w.into_inner()).unwrap();
+    }
+    let script = r#"
+set -u
+W=$1; D=$2
+mkdir -p $D/mnt $D/log
+mount -t tmpfs -o size=6m tmpfs $D/mnt || exit 90
+S=$D/mnt/store; SRC=$D/src
+run() { n=$1; shift; "$@" >$D/log/$n.out 2>$D/log/$n.err; echo $? >$D/log/$n.rc; }
+left() { find $D/mnt -name '*.tmp' -o -name '*.part' -o -name out.tar | wc -l >$D/log/$1.left; }
+run init $W --store $S init
+run add-v1 $W --store $S add $D/v1.tar --name v1
+run add-v2 $W --store $S add $D/v2.tar --name v2
+left add-v2
+run verify-1 $W --store $S verify --full
+run x-v1 sh -c "$W --store $S extract v1 -o - | cmp - $D/v1.tar"
+run src-init $W --store $SRC init
+run src-add $W --store $SRC add $D/v2.tar --name v2
+run extract-full $W --store $SRC extract v2 -o $D/mnt/out.tar
+left extract-full
+run push-full $W --store $SRC push v2 $S
+left push-full
+run verify-2 $W --store $S verify --full
+mount -o remount,size=64m $D/mnt
+run push-room $W --store $SRC push v2 $S
+run x-v2 sh -c "$W --store $S extract v2 -o - | cmp - $D/v2.tar"
+run add-room $W --store $S add $D/v2.tar --name v2-again
+run verify-3 $W --store $S verify --full
+"#;
+    let Some(out) = in_mount_namespace(script, d) else {
+        return;
+    };
+    assert!(
+        out.status.success(),
+        "script: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = |step: &str, what: &str| {
+        std::fs::read_to_string(d.join("log").join(format!("{step}.{what}")))
+            .unwrap_or_else(|e| panic!("{step}.{what}: {e}"))
+            .trim()
+            .to_string()
+    };
+    let succeeded =
+        |step: &str| assert_eq!(log(step, "rc"), "0", "{step} failed: {}", log(step, "err"));
+    let failed_for_space = |step: &str| {
+        assert_ne!(log(step, "rc"), "0", "{step} should fail: the disk is full");
+        let err = log(step, "err");
+        assert_eq!(
+            err.matches("No space left on device").count(),
+            // A push's receiver is a child on the same stderr: it says it
+            // too, and the sender reports what the receiver said.
+            if step == "push-full" { 2 } else { 1 },
+            "{step}: the error names the cause, once per process:\n{err}"
+        );
+        assert_eq!(
+            log(step, "left"),
+            "0",
+            "{step} left scratch files or a partial output behind"
+        );
+    };
+    for step in ["init", "add-v1"] {
+        succeeded(step);
+    }
+    failed_for_space("add-v2");
+    failed_for_space("extract-full");
+    failed_for_space("push-full");
+    assert!(
+        log("push-full", "err").contains("the other side says"),
+        "the sender reports the receiver's reason, not a broken pipe:\n{}",
+        log("push-full", "err")
+    );
+    for step in [
+        "verify-1",
+        "x-v1",
+        "verify-2",
+        "push-room",
+        "x-v2",
+        "add-room",
+        "verify-3",
+    ] {
+        succeeded(step);
+    }
+}

@@ -201,6 +201,33 @@ impl LocalBackend {
     }
 }
 
+/// A file in the store's scratch directory, deleted when dropped: a write
+/// that fails (a full disk) leaves nothing behind to keep the disk full.
+/// Once moved into the store ([`Backend::put_file`]) the path is gone and
+/// the drop does nothing.
+pub struct ScratchFile {
+    pub path: PathBuf,
+}
+
+impl ScratchFile {
+    pub fn create(dir: &Path, what: &str) -> Result<(ScratchFile, File)> {
+        let path = dir.join(format!("{what}-{:016x}.tmp", rand::random::<u64>()));
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .ctx("create scratch file", &path)?;
+        Ok((ScratchFile { path }, f))
+    }
+}
+
+impl Drop for ScratchFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
 /// Writes `bytes` to `path` so that a crash leaves either the old file or the
 /// whole new one: a temporary file in the same directory, fsync, rename, fsync
 /// of the directory.

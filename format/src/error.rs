@@ -8,16 +8,18 @@ use std::path::PathBuf;
 /// user reading the message knows what to look at without a debugger.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{action} {path}: {source}")]
+    // The I/O errors are part of the message and deliberately not also a
+    // `source`: `{:#}` (anyhow) prints every source after the message, and
+    // users saw "No space left on device (os error 28)" twice.
+    #[error("{action} {path}: {cause}")]
     Io {
         action: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     #[error("{0}")]
-    Stream(#[source] std::io::Error),
+    Stream(std::io::Error),
 
     #[error("corrupt store: {0}")]
     Corrupt(String),
@@ -72,10 +74,10 @@ pub(crate) trait IoContext<T> {
 
 impl<T> IoContext<T> for std::io::Result<T> {
     fn ctx(self, action: &'static str, path: impl Into<PathBuf>) -> Result<T> {
-        self.map_err(|source| Error::Io {
+        self.map_err(|cause| Error::Io {
             action,
             path: path.into(),
-            source,
+            cause,
         })
     }
 }

@@ -209,13 +209,13 @@ struct Prefetched {
     /// The root's compressed children after the first, in stream order.
     order: Vec<ChunkId>,
     next: usize,
-    rx: Receiver<(ChunkId, Result<crate::gzip::ScratchFile>)>,
+    rx: Receiver<(ChunkId, Result<crate::backend::ScratchFile>)>,
 }
 
 impl Prefetched {
     /// The rebuilt file of `child` if it is the next one prefetched:
     /// `Ok(None)` when it is not (the caller rebuilds it in line).
-    fn take(&mut self, child: &ChunkId) -> Result<Option<crate::gzip::ScratchFile>> {
+    fn take(&mut self, child: &ChunkId) -> Result<Option<crate::backend::ScratchFile>> {
         if self.order.get(self.next) != Some(child) {
             return Ok(None);
         }
@@ -252,13 +252,13 @@ fn prefetch(
     store: &Arc<Store>,
     ids: &[ChunkId],
     what: &str,
-    tx: crossbeam_channel::Sender<(ChunkId, Result<crate::gzip::ScratchFile>)>,
+    tx: crossbeam_channel::Sender<(ChunkId, Result<crate::backend::ScratchFile>)>,
     cancel: &std::sync::atomic::AtomicBool,
 ) {
     let scratch = store.backend().scratch_dir().to_path_buf();
     for id in ids {
-        let r = (|| -> Result<crate::gzip::ScratchFile> {
-            let (sf, f) = crate::gzip::ScratchFile::create(&scratch, "extract-layer")?;
+        let r = (|| -> Result<crate::backend::ScratchFile> {
+            let (sf, f) = crate::backend::ScratchFile::create(&scratch, "extract-layer")?;
             let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
             emit_node(store, id, what, &mut |b| {
                 if cancel.load(Ordering::Relaxed) {

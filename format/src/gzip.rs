@@ -150,30 +150,6 @@ pub struct Plan {
     pub tail_len: u64,
 }
 
-/// A file in the store's scratch directory, deleted when dropped.
-pub struct ScratchFile {
-    pub path: PathBuf,
-}
-
-impl ScratchFile {
-    pub fn create(dir: &Path, what: &str) -> Result<(ScratchFile, File)> {
-        let path = dir.join(format!("{what}-{:016x}.tmp", rand::random::<u64>()));
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .ctx("create scratch file", &path)?;
-        Ok((ScratchFile { path }, f))
-    }
-}
-
-impl Drop for ScratchFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 /// Pass one over a member that starts with gzip magic: reads all of `input`
 /// (copying every byte to `spool`), runs preflate over each member's deflate
 /// stream, and writes the reconstruction stream to `recon`. Only I/O errors

@@ -722,8 +722,8 @@ impl Ingester<'_> {
     ) -> Result<NodeBody> {
         use crate::gzip;
         let scratch = self.w.store().backend().scratch_dir().to_path_buf();
-        let (spool, spool_file) = gzip::ScratchFile::create(&scratch, "gzip")?;
-        let (recon, recon_file) = gzip::ScratchFile::create(&scratch, "gzip-recon")?;
+        let (spool, spool_file) = crate::backend::ScratchFile::create(&scratch, "gzip")?;
+        let (recon, recon_file) = crate::backend::ScratchFile::create(&scratch, "gzip-recon")?;
         let mut spool_w = std::io::BufWriter::with_capacity(1 << 20, spool_file);
         let mut recon_w = std::io::BufWriter::with_capacity(1 << 20, recon_file);
         let mut input = Cursor::new(first).chain(&mut *r);
@@ -830,7 +830,7 @@ impl Ingester<'_> {
         r: &mut HashingReader,
         depth: u32,
     ) -> Result<NodeBody> {
-        use crate::gzip::ScratchFile;
+        use crate::backend::ScratchFile;
         let scratch = self.w.store().backend().scratch_dir().to_path_buf();
         let (spool, spool_file) = ScratchFile::create(&scratch, "zstd")?;
         let mut spool_w = std::io::BufWriter::with_capacity(1 << 20, spool_file);

@@ -6,14 +6,14 @@
 //! hash with a 256-entry fan-out table in front, so a lookup in a memory-mapped
 //! index touches a handful of pages whatever the number of chunks.
 
-use crate::backend::{Backend, ObjectKind};
+use crate::backend::{Backend, ObjectKind, ScratchFile};
 use crate::error::{Error, IoContext, Result};
 use crate::hash::ChunkId;
 use memmap2::Mmap;
 use std::cmp::Ordering;
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub const PACK_MAGIC: &[u8; 8] = b"WHARFPK\0";
 pub const PACK_VERSION: u32 = 1;
@@ -147,7 +147,8 @@ impl HashingFile {
 
 /// Writes one pack to a scratch file; `finish` publishes it.
 pub struct PackWriter {
-    path: PathBuf,
+    /// Removed if the pack is dropped unfinished (a failed write).
+    scratch: ScratchFile,
     out: HashingFile,
     len: u64,
     entries: Vec<IndexEntry>,
@@ -155,10 +156,9 @@ pub struct PackWriter {
 
 impl PackWriter {
     pub fn create(scratch: &Path) -> Result<Self> {
-        let path = scratch.join(format!("pack-{:016x}.tmp", rand::random::<u64>()));
-        let f = File::create(&path).ctx("create", &path)?;
+        let (scratch, f) = ScratchFile::create(scratch, "pack")?;
         let mut w = PackWriter {
-            path,
+            scratch,
             out: HashingFile::new(f),
             len: 0,
             entries: Vec::new(),
@@ -171,7 +171,7 @@ impl PackWriter {
     }
 
     fn write(&mut self, b: &[u8]) -> Result<()> {
-        self.out.write_all(b).ctx("write", &self.path)?;
+        self.out.write_all(b).ctx("write", &self.scratch.path)?;
         self.len += b.len() as u64;
         Ok(())
     }
@@ -243,10 +243,10 @@ impl PackWriter {
     /// Publishes the pack, then its index, and returns the index's name. The
     /// order matters: an index never names a pack that is not fully on disk.
     pub fn finish(mut self, backend: &dyn Backend) -> Result<(PackId, String)> {
-        let (file, hash) = self.out.finish().ctx("write", &self.path)?;
+        let (file, hash) = self.out.finish().ctx("write", &self.scratch.path)?;
         let pack = PackId(*hash.as_bytes());
         drop(file);
-        backend.put_file(ObjectKind::Pack, &pack.name(), &self.path)?;
+        backend.put_file(ObjectKind::Pack, &pack.name(), &self.scratch.path)?;
         let mut entries = std::mem::take(&mut self.entries);
         entries.sort_by_key(|e| e.id);
         entries.dedup_by(|a, b| a.id == b.id);
@@ -254,10 +254,9 @@ impl PackWriter {
         Ok((pack, idx))
     }
 
-    /// Drops an unfinished pack (nothing was published).
-    pub fn abandon(self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
+    /// Drops an unfinished pack (nothing was published); what dropping it
+    /// does too, said where it is meant.
+    pub fn abandon(self) {}
 }
 
 /// Writes an index over `packs` from entries sorted by id (each entry's
@@ -268,18 +267,18 @@ pub fn write_index(
     entries: impl Iterator<Item = Result<IndexEntry>>,
 ) -> Result<String> {
     let scratch = backend.scratch_dir();
-    let tmp = scratch.join(format!("index-{:016x}.tmp", rand::random::<u64>()));
-    let f = File::create(&tmp).ctx("create", &tmp)?;
+    let (tmp_file, f) = ScratchFile::create(scratch, "index")?;
+    let tmp = tmp_file.path.clone();
     let mut out = HashingFile::new(f);
     let put =
         |out: &mut HashingFile, b: &[u8]| -> Result<()> { out.write_all(b).ctx("write", &tmp) };
     // The entry count and fan-out are only known at the end; entries are
     // written to a second scratch file first so memory stays bounded.
-    let body_path = scratch.join(format!("index-body-{:016x}.tmp", rand::random::<u64>()));
+    let (body_file, bf) = ScratchFile::create(scratch, "index-body")?;
+    let body_path = body_file.path.clone();
     let mut fanout = [0u32; 256];
     let mut count: u64 = 0;
     {
-        let bf = File::create(&body_path).ctx("create", &body_path)?;
         let mut body = BufWriter::with_capacity(1 << 20, bf);
         let mut buf = [0u8; INDEX_ENTRY_LEN];
         let mut last: Option<ChunkId> = None;
@@ -326,7 +325,7 @@ pub fn write_index(
             put(&mut out, &buf[..n])?;
         }
     }
-    let _ = std::fs::remove_file(&body_path);
+    drop(body_file);
     let (mut file, hash) = out.finish().ctx("write", &tmp)?;
     let digest = *hash.as_bytes();
     file.write_all(&digest).ctx("write", &tmp)?;

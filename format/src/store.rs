@@ -203,8 +203,8 @@ impl Store {
             for name in self.backend.list(crate::backend::ObjectKind::Index)? {
                 match IndexFile::open(&*self.backend, &name) {
                     Ok(f) => files.push(Arc::new(f)),
-                    Err(Error::Io { source, .. })
-                        if source.kind() == std::io::ErrorKind::NotFound && attempt < 5 =>
+                    Err(Error::Io { cause, .. })
+                        if cause.kind() == std::io::ErrorKind::NotFound && attempt < 5 =>
                     {
                         vanished = true;
                         break;

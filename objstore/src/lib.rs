@@ -761,7 +761,7 @@ impl Backend for ObjectBackend {
                 return Err(Error::Io {
                     action: "download",
                     path: PathBuf::from(key.to_string()),
-                    source: std::io::Error::new(std::io::ErrorKind::NotFound, e.to_string()),
+                    cause: std::io::Error::new(std::io::ErrorKind::NotFound, e.to_string()),
                 });
             }
             Err(e) => return Err(backend_err(format!("download {key}"), e)),

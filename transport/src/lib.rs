@@ -26,7 +26,7 @@ pub enum Error {
     #[error(transparent)]
     Store(#[from] wharf_format::Error),
     #[error("connection: {0}")]
-    Io(#[source] std::io::Error),
+    Io(std::io::Error),
     #[error("protocol error: {0}")]
     Protocol(String),
     #[error("the other side says: {0}")]

@@ -659,8 +659,32 @@ impl<R: Read, W: Write> Client<R, W> {
     }
 
     fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<()> {
-        write_frame(&mut self.output, kind, payload)?;
-        self.output.flush().map_err(Error::Io)
+        write_frame(&mut self.output, kind, payload)
+            .and_then(|()| self.output.flush().map_err(Error::Io))
+            .map_err(|e| self.why_closed(e))
+    }
+
+    /// A server that fails (its disk is full, a chunk is bad) says why in an
+    /// ERROR frame and hangs up; the client, busy writing chunks, sees only a
+    /// broken pipe. Reports what the server said instead, when it said it
+    /// (after at most a few replies still in flight).
+    fn why_closed(&mut self, e: Error) -> Error {
+        let hung_up = matches!(&e, Error::Io(io) if matches!(
+            io.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        ));
+        if hung_up {
+            for _ in 0..=IN_FLIGHT {
+                match read_frame(&mut self.input) {
+                    Ok(Some(f)) if f.kind == Kind::Error => {
+                        return Error::Remote(String::from_utf8_lossy(&f.payload).into_owned())
+                    }
+                    Ok(Some(_)) => continue,
+                    _ => break,
+                }
+            }
+        }
+        e
     }
 
     /// Asks which of `ids` the server has (`layers`: as complete layers of
