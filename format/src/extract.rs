@@ -346,11 +346,16 @@ fn emit_node_inner(
                 )));
             }
         }
-        NodeBody::Gzip { plain, recon } => {
+        NodeBody::Gzip {
+            plain,
+            recon,
+            independent,
+        } => {
             // The plaintext node (verified on its own), recompressed with
             // the reconstruction stream; this node's digest is checked below.
             let r = ChunkStreamReader::new(store.clone(), recon.clone());
-            let mut rb = crate::gzip::Rebuilder::new(r).map_err(|e| in_context(e, what))?;
+            let mut rb = crate::gzip::Rebuilder::with_pieces(r, *independent)
+                .map_err(|e| in_context(e, what))?;
             emit_node(store, plain, what, &mut |b| rb.push(b, &mut out))
                 .map_err(|e| in_context(e, what))?;
             rb.finish(&mut out).map_err(|e| in_context(e, what))?;

@@ -25,8 +25,12 @@
 
 use crate::error::{Error, IoContext, Result};
 use crate::skeleton::put_varint;
-use preflate_rs::{ExitCode, PreflateConfig, PreflateStreamProcessor, RecreateStreamProcessor};
+use preflate_rs::{
+    DeflateTokenBlock, ExitCode, PieceEncoder, PreflateConfig, PreflateStreamProcessor,
+    RecreateStreamProcessor, ResumeParameters,
+};
 use sha2::Digest;
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufReader, Cursor, Read, Seek, SeekFrom, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -443,6 +447,14 @@ impl Analyzer<'_> {
 /// Regenerates compressed bytes from a reconstruction stream (`recon`) and
 /// the plaintext, pushed in pieces of any size. Shared by extract and by the
 /// check `add` makes before it trusts the decompressed form.
+///
+/// With `independent` pieces (a gzip node that says so, FORMAT.md §8.5), the
+/// pieces of a deflate stream whose compressor adds every position to its
+/// dictionary are rebuilt on as many threads as there are cores, each from
+/// the 32 KiB of plaintext before it
+/// ([`preflate_rs::RecreateStreamProcessor::resume`]), and encoded in order:
+/// preflate re-runs the compressor's match finder, which on one core is far
+/// slower than the disk or the network.
 pub struct Rebuilder<R: Read> {
     recon: R,
     /// The DEFLATE record being filled: plaintext wanted, corrections, plaintext so far.
@@ -452,10 +464,51 @@ pub struct Rebuilder<R: Read> {
     zstd: Option<crate::zstdlayer::FrameCompressor>,
     /// Plaintext consumed so far, for error messages.
     plain_seen: u64,
+    /// Whether pieces may be rebuilt independently (see above).
+    independent: bool,
+    /// The deflate stream being rebuilt, in independent mode.
+    stream: Option<StreamState>,
+    /// Output not yet written, in order: pieces still being rebuilt hold
+    /// back whatever comes after them.
+    queue: VecDeque<Pending>,
+    /// Encodes the pieces of the current stream at the head of the queue.
+    encoder: PieceEncoder,
+    /// Most pieces rebuilt at once.
+    max_in_flight: usize,
+    /// Pieces rebuilt from the plaintext before them, for tests and reports.
+    resumed: u64,
 }
 
+/// How far an independently rebuilt deflate stream has got.
+struct StreamState {
+    /// Set by the first piece when the later ones can be rebuilt alone.
+    resume: Option<ResumeParameters>,
+    pieces: u64,
+    /// The last 32 KiB of the stream's plaintext so far, and its length.
+    window: Vec<u8>,
+    pos: u64,
+}
+
+type PieceJob = std::thread::JoinHandle<std::result::Result<Vec<DeflateTokenBlock>, String>>;
+
+enum Pending {
+    Bytes(Vec<u8>),
+    /// A new deflate stream starts: its bits start on a fresh byte.
+    NewStream,
+    Piece(PieceJob),
+}
+
+/// Plaintext a resumed piece needs from before it.
+const RESUME_WINDOW: usize = 32 << 10;
+
 impl<R: Read> Rebuilder<R> {
-    pub fn new(mut recon: R) -> Result<Self> {
+    /// Rebuilds one piece after another, as preflate writes them.
+    pub fn new(recon: R) -> Result<Self> {
+        Self::with_pieces(recon, false)
+    }
+
+    /// `independent`: what the gzip node says of its pieces.
+    pub fn with_pieces(mut recon: R, independent: bool) -> Result<Self> {
         let mut magic = [0u8; 4];
         recon.read_exact(&mut magic).map_err(|_| {
             Error::Corrupt("gzip reconstruction stream shorter than its magic".into())
@@ -471,7 +524,99 @@ impl<R: Read> Rebuilder<R> {
             deflate: None,
             zstd: None,
             plain_seen: 0,
+            independent,
+            stream: None,
+            queue: VecDeque::new(),
+            encoder: PieceEncoder::new(),
+            max_in_flight: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            resumed: 0,
         })
+    }
+
+    /// How many pieces were rebuilt from the plaintext before them rather
+    /// than from the state the previous piece left.
+    pub fn pieces_resumed(&self) -> u64 {
+        self.resumed
+    }
+
+    /// Queues output behind the pieces still being rebuilt, and writes
+    /// whatever is ready.
+    fn emit(&mut self, p: Pending, out: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        if self.queue.is_empty() {
+            if let Pending::Bytes(b) = &p {
+                return out(b);
+            }
+        }
+        self.queue.push_back(p);
+        self.drain(out, false)
+    }
+
+    /// Writes queued output in order; `wait`: until the queue is empty,
+    /// else only what is ready.
+    fn drain(&mut self, out: &mut dyn FnMut(&[u8]) -> Result<()>, wait: bool) -> Result<()> {
+        while let Some(front) = self.queue.front() {
+            if let Pending::Piece(h) = front {
+                if !wait && !h.is_finished() {
+                    return Ok(());
+                }
+            }
+            match self.queue.pop_front() {
+                Some(Pending::Bytes(b)) => out(&b)?,
+                Some(Pending::NewStream) => self.encoder = PieceEncoder::new(),
+                Some(Pending::Piece(h)) => {
+                    let blocks = h
+                        .join()
+                        .unwrap_or_else(|_| Err("preflate panicked".into()))
+                        .map_err(|e| Error::Corrupt(format!("gzip reconstruction: {e}")))?;
+                    let bytes = self.encoder.encode(&blocks).map_err(|e| {
+                        Error::Corrupt(format!("gzip reconstruction: preflate: {e}"))
+                    })?;
+                    out(&bytes)?;
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.queue
+            .iter()
+            .filter(|p| matches!(p, Pending::Piece(_)))
+            .count()
+    }
+
+    /// Starts rebuilding a piece on its own thread, once fewer than
+    /// `max_in_flight` are.
+    fn spawn_piece(
+        &mut self,
+        job: impl FnOnce() -> preflate_rs::Result<Vec<DeflateTokenBlock>> + Send + 'static,
+        out: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        while self.in_flight() >= self.max_in_flight {
+            // The oldest piece is the one the output waits for.
+            let Some(i) = self
+                .queue
+                .iter()
+                .position(|p| matches!(p, Pending::Piece(_)))
+            else {
+                break;
+            };
+            let mut rest = self.queue.split_off(i + 1);
+            self.drain(out, true)?;
+            self.queue.append(&mut rest);
+        }
+        let h = std::thread::Builder::new()
+            .name("wharf-preflate".into())
+            .spawn(move || {
+                catch_unwind(AssertUnwindSafe(job))
+                    .map_err(|_| "preflate panicked".to_string())
+                    .and_then(|r| r.map_err(|e| format!("preflate: {e}")))
+            })
+            .map_err(Error::Stream)?;
+        self.emit(Pending::Piece(h), out)
     }
 
     /// Feeds plaintext; compressed bytes come out through `out`.
@@ -512,7 +657,9 @@ impl<R: Read> Rebuilder<R> {
     /// Emits the records after the last plaintext byte (trailer, tail) and
     /// checks that plaintext and reconstruction data ended together.
     pub fn finish(mut self, out: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
-        if self.cur.is_some() || self.zstd.is_some() || self.advance(out)? {
+        let ended = self.cur.is_none() && self.zstd.is_none() && !self.advance(out)?;
+        self.drain(out, true)?;
+        if !ended {
             return Err(Error::Corrupt(format!(
                 "gzip plaintext ended after {} bytes, before its reconstruction data",
                 self.plain_seen
@@ -526,6 +673,46 @@ impl<R: Read> Rebuilder<R> {
         let Some((_, corrections, plain)) = self.cur.take() else {
             return Ok(());
         };
+        if self.deflate.is_none() {
+            return Err(Error::Corrupt(
+                "gzip reconstruction: DEFLATE record before any START".into(),
+            ));
+        }
+        if let Some(st) = self.stream.as_mut() {
+            let first = st.pieces == 0;
+            if first {
+                // Unreadable parameters are left to the one-by-one path,
+                // which reports them.
+                st.resume = ResumeParameters::of_first_piece(&corrections)
+                    .ok()
+                    .flatten();
+            }
+            st.pieces += 1;
+            if let Some(params) = st.resume {
+                self.resumed += u64::from(!first);
+                let (window, pos) = (st.window.clone(), st.pos);
+                st.pos += plain.len() as u64;
+                let keep = RESUME_WINDOW
+                    .saturating_sub(plain.len())
+                    .min(st.window.len());
+                st.window.drain(..st.window.len() - keep);
+                st.window
+                    .extend_from_slice(&plain[plain.len().saturating_sub(RESUME_WINDOW)..]);
+                return self.spawn_piece(
+                    move || {
+                        let mut p = if first {
+                            RecreateStreamProcessor::new()
+                        } else {
+                            RecreateStreamProcessor::resume(&params, &window, pos)?
+                        };
+                        p.recreate_tokens(&plain, &corrections)
+                    },
+                    out,
+                );
+            }
+            // Not resumable: one by one below, as this stream began.
+            self.stream = None;
+        }
         let Some(d) = self.deflate.as_mut() else {
             return Err(Error::Corrupt(
                 "gzip reconstruction: DEFLATE record before any START".into(),
@@ -535,7 +722,7 @@ impl<R: Read> Rebuilder<R> {
             d.recompress(&mut Cursor::new(&plain), &corrections)
         }));
         match res {
-            Ok(Ok((bytes, _))) => out(&bytes),
+            Ok(Ok((bytes, _))) => self.emit(Pending::Bytes(bytes), out),
             Ok(Err(e)) => Err(Error::Corrupt(format!(
                 "gzip reconstruction: preflate: {e}"
             ))),
@@ -566,9 +753,20 @@ impl<R: Read> Rebuilder<R> {
                     }
                     let mut b = vec![0u8; n as usize];
                     self.exact(&mut b)?;
-                    out(&b)?;
+                    self.emit(Pending::Bytes(b), out)?;
                 }
-                TAG_START => self.deflate = Some(RecreateStreamProcessor::new()),
+                TAG_START => {
+                    self.deflate = Some(RecreateStreamProcessor::new());
+                    if self.independent {
+                        self.emit(Pending::NewStream, out)?;
+                        self.stream = Some(StreamState {
+                            resume: None,
+                            pieces: 0,
+                            window: Vec::new(),
+                            pos: 0,
+                        });
+                    }
+                }
                 TAG_DEFLATE => {
                     let plain = self.varint()?;
                     let c = self.varint()?;
@@ -595,6 +793,9 @@ impl<R: Read> Rebuilder<R> {
                         .ok_or_else(|| "ZSTD record level out of range".to_string())
                         .and_then(|l| crate::zstdlayer::Params::from_flags(l, flags[0]))
                         .map_err(|e| Error::Corrupt(format!("zstd reconstruction: {e}")))?;
+                    // zstd frames write straight to `out`: nothing may be
+                    // waiting before them.
+                    self.drain(out, true)?;
                     let z = crate::zstdlayer::FrameCompressor::new(&params, plain)?;
                     if plain > 0 {
                         self.zstd = Some(z);
@@ -670,14 +871,18 @@ pub struct PlainReader {
 }
 
 impl PlainReader {
-    pub fn new(spool: &Path, recon: &Path, plan: &Plan) -> Result<PlainReader> {
+    /// `independent`: rebuild with [`Rebuilder::with_pieces`].
+    pub fn new(spool: &Path, recon: &Path, plan: &Plan, independent: bool) -> Result<PlainReader> {
         let r = File::open(recon).ctx("open", recon)?;
         Ok(PlainReader {
             spool: spool.to_path_buf(),
             deflate: plan.deflate.clone().into_iter(),
             zstd: plan.zstd,
             cur: None,
-            rebuilder: Some(Rebuilder::new(BufReader::with_capacity(1 << 20, r))?),
+            rebuilder: Some(Rebuilder::with_pieces(
+                BufReader::with_capacity(1 << 20, r),
+                independent,
+            )?),
             sha: sha2::Sha256::new(),
             rebuilt_len: 0,
             done: false,

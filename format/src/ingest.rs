@@ -796,7 +796,46 @@ impl Ingester<'_> {
         r: &mut HashingReader,
         depth: u32,
     ) -> Result<std::result::Result<NodeBody, String>> {
-        let mut plain = crate::gzip::PlainReader::new(spool, recon, plan)?;
+        // Checked first as extract will rebuild it fastest, its pieces in
+        // parallel; where that differs, one piece after another (the
+        // plaintext is then walked twice; its chunks are stored once).
+        let mut why = String::new();
+        let modes: &[bool] = if plan.zstd { &[false] } else { &[true, false] };
+        for &independent in modes {
+            let plain_id = match self.gzip_check(spool, plan, recon, r, depth, independent)? {
+                Ok(id) => id,
+                Err(w) => {
+                    why = w;
+                    continue;
+                }
+            };
+            {
+                let mut stream = DataStream::new(self.params);
+                let mut f = std::fs::File::open(recon).map_err(Error::Stream)?;
+                copy_rest(&mut f, &mut |b| stream.push(self.w, b))?;
+                return Ok(Ok(NodeBody::Gzip {
+                    plain: plain_id,
+                    recon: stream.finish(self.w)?,
+                    independent,
+                }));
+            }
+        }
+        Ok(Err(why))
+    }
+
+    /// Stores the plaintext of a compressed member and rebuilds the member
+    /// from it and the reconstruction stream; the plaintext's node if the
+    /// rebuilt bytes are the original's.
+    fn gzip_check(
+        &mut self,
+        spool: &std::path::Path,
+        plan: &crate::gzip::Plan,
+        recon: &std::path::Path,
+        r: &mut HashingReader,
+        depth: u32,
+        independent: bool,
+    ) -> Result<std::result::Result<ChunkId, String>> {
+        let mut plain = crate::gzip::PlainReader::new(spool, recon, plan, independent)?;
         let mut hr = HashingReader::new(&mut plain, false, None);
         let stored = self
             .node(&mut hr, depth + 1, b"")
@@ -813,13 +852,7 @@ impl Ingester<'_> {
                 "the bytes rebuilt from the plaintext differ from the original ({len} bytes, sha256 {sha})"
             )));
         }
-        let mut stream = DataStream::new(self.params);
-        let mut f = std::fs::File::open(recon).map_err(Error::Stream)?;
-        copy_rest(&mut f, &mut |b| stream.push(self.w, b))?;
-        Ok(Ok(NodeBody::Gzip {
-            plain: plain_id,
-            recon: stream.finish(self.w)?,
-        }))
+        Ok(Ok(plain_id))
     }
 }
 

@@ -55,7 +55,7 @@ pub fn walk_node(
                 walk_node(store, c, seen_nodes, visit)?;
             }
         }
-        NodeBody::Gzip { plain, recon } => {
+        NodeBody::Gzip { plain, recon, .. } => {
             stream(recon, visit)?;
             walk_node(store, plain, seen_nodes, visit)?;
         }

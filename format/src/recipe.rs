@@ -63,6 +63,13 @@ pub enum NodeBody {
     Gzip {
         plain: ChunkId,
         recon: StreamRef,
+        /// The pieces of its deflate streams were rebuilt each from the
+        /// plaintext before it when `add` checked them, so extract may
+        /// rebuild them in parallel (FORMAT.md §8.5). Absent (false) on
+        /// nodes written before it existed: those are rebuilt one piece
+        /// after another, as they were checked.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        independent: bool,
     },
 }
 

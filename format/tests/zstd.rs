@@ -478,6 +478,7 @@ fn a_wrong_level_in_the_record_fails_extract() {
             level: 0,
             entries: vec![wharf_format::list::Entry(rid, recon.len() as u32)],
         },
+        independent: false,
     };
     let id = w.put(&forged.encode()).unwrap();
     w.finish().unwrap();

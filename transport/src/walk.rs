@@ -75,7 +75,7 @@ fn node_parts(node: &Node) -> (Vec<ChunkId>, Vec<StreamRef>) {
             data,
             children,
         } => (children.clone(), vec![skeleton.clone(), data.clone()]),
-        NodeBody::Gzip { plain, recon } => (vec![*plain], vec![recon.clone()]),
+        NodeBody::Gzip { plain, recon, .. } => (vec![*plain], vec![recon.clone()]),
     }
 }
 

@@ -130,6 +130,11 @@ impl HashTable {
 pub trait HashChain {
     fn get_num_hash_bytes() -> usize;
 
+    /// wharf: on an empty chain, makes absolute position `pos` the first one
+    /// to be added (a chain rebuilt from a window of plaintext that starts
+    /// far into the stream).
+    fn rebase(&mut self, pos: u32);
+
     fn iterate<'a, const OFFSET: u32>(
         &'a self,
         input: &PreflateInput,
@@ -177,6 +182,10 @@ impl<H: HashImplementation> HashChainDefault<H> {
 }
 
 impl<H: HashImplementation> HashChain for HashChainDefault<H> {
+    fn rebase(&mut self, pos: u32) {
+        self.total_shift = pos as i32 - 8;
+    }
+
     #[inline]
     fn iterate<'a, const OFFSET: u32>(
         &'a self,
@@ -314,6 +323,10 @@ const LIBFLATE_HASH_3: LibdeflateHash3Secondary = LibdeflateHash3Secondary {};
 const LIBFLATE_HASH_4: LibdeflateHash4 = LibdeflateHash4 {};
 
 impl HashChain for HashChainLibflate4 {
+    fn rebase(&mut self, pos: u32) {
+        self.total_shift = pos as i32 - 8;
+    }
+
     fn iterate<'a, const OFFSET: u32>(
         &'a self,
         input: &PreflateInput,

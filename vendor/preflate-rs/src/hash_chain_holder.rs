@@ -87,6 +87,9 @@ pub fn new_hash_chain_holder(params: &TokenPredictorParameters) -> Box<dyn HashC
 /// trait that is not dependent on the HashImplementation so it can
 /// be used in a concrete boxed type by the TokenPredictor
 pub trait HashChainHolder {
+    /// wharf: see [`crate::hash_chain::HashChain::rebase`].
+    fn rebase(&mut self, pos: u32);
+
     /// updates the hash dictionary for a given length of matches.
     ///
     /// If this is a literal, then the update policy is to add all the bytes to the dictionary.
@@ -132,6 +135,8 @@ pub trait HashChainHolder {
 /// empty implementation of HashChainHolder if there is no dictionary
 /// being used (for example the file is stored or huffman only encoded)
 impl HashChainHolder for () {
+    fn rebase(&mut self, _pos: u32) {}
+
     fn update_hash(&mut self, _length: u32, _input: &PreflateInput) {}
 
     fn match_token_0(
@@ -179,6 +184,10 @@ struct HashChainHolderImpl<H: HashChain> {
 }
 
 impl<H: HashChain + 'static> HashChainHolder for HashChainHolderImpl<H> {
+    fn rebase(&mut self, pos: u32) {
+        self.hash.rebase(pos);
+    }
+
     fn update_hash(&mut self, length: u32, input: &PreflateInput) {
         debug_assert!(length <= MAX_UPDATE_HASH_BATCH);
 

@@ -43,9 +43,10 @@ pub use preflate_error::{AddContext, PreflateError, Result, err_exit_code};
 pub use preflate_input::{PlainText, PreflateInput};
 
 pub use statistical_codec::{CodecCorrection, CountNonDefaultActions};
+pub use deflate::deflate_token::DeflateTokenBlock;
 pub use stream_processor::{
-    PreflateStreamChunkResult, PreflateStreamProcessor, RecreateStreamProcessor,
-    preflate_whole_deflate_stream, recreate_whole_deflate_stream,
+    PieceEncoder, PreflateStreamChunkResult, PreflateStreamProcessor, RecreateStreamProcessor,
+    ResumeParameters, preflate_whole_deflate_stream, recreate_whole_deflate_stream,
 };
 
 /// Deepest hash-chain walk the parameter estimators accept (wharf patch:

@@ -65,6 +65,15 @@ impl PlainText {
         self.prefix_length = self.data.len() as i32;
     }
 
+    /// wharf: `data` is the plaintext from absolute position `start` on.
+    pub fn new_at(data: Vec<u8>, start: i32) -> Self {
+        Self {
+            data,
+            prefix_length: 0,
+            pos_offset: start,
+        }
+    }
+
     pub fn new_with_data(data: Vec<u8>) -> Self {
         Self {
             data,

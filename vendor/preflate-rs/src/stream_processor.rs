@@ -18,8 +18,9 @@ use crate::{
         deflate_reader::DeflateParser, deflate_token::DeflateTokenBlock,
         deflate_writer::DeflateWriter,
     },
-    estimator::preflate_parameter_estimator::{
-        TokenPredictorParameters, estimate_preflate_parameters,
+    estimator::{
+        add_policy_estimator::DictionaryAddPolicy,
+        preflate_parameter_estimator::{TokenPredictorParameters, estimate_preflate_parameters},
     },
     preflate_error::{AddContext, ExitCode, PreflateError},
     preflate_input::{PlainText, PreflateInput},
@@ -313,6 +314,117 @@ impl RecreateStreamProcessor {
 
             Ok((self.writer.detach_output(), blocks))
         }
+    }
+}
+
+/// wharf: the parameters a deflate stream was modelled with, read from the
+/// corrections of its first piece, when the stream's later pieces can each
+/// be rebuilt from the 32 KiB of plaintext before them
+/// ([`RecreateStreamProcessor::resume`]) instead of from the state every
+/// earlier piece left behind. That holds where the compressor adds every
+/// position to its dictionary (`AddAll`: zlib, pigz and Python at levels
+/// 4-9, the usual ones): the dictionary at a block boundary is then a
+/// function of the plaintext alone, and nothing else of the predictor
+/// crosses a block boundary (`recreate_block` clears the pending match).
+#[derive(Clone, Copy, Debug)]
+pub struct ResumeParameters(TokenPredictorParameters);
+
+impl ResumeParameters {
+    pub fn of_first_piece(corrections: &[u8]) -> Result<Option<ResumeParameters>> {
+        let r = ReconstructionData::read(corrections)?;
+        Ok((r.parameters.add_policy == DictionaryAddPolicy::AddAll)
+            .then_some(ResumeParameters(r.parameters)))
+    }
+}
+
+impl RecreateStreamProcessor {
+    /// wharf: a processor for a piece after the first, built from `window`,
+    /// the plaintext just before the piece (its last 32 KiB, or all of it if
+    /// shorter), which ends at absolute plaintext position `end`. Use
+    /// [`Self::recreate_tokens`] on it and encode with a [`PieceEncoder`]
+    /// that has seen every piece before, in order.
+    pub fn resume(params: &ResumeParameters, window: &[u8], end: u64) -> Result<Self> {
+        let window = &window[window.len().saturating_sub(32768)..];
+        let start = end
+            .checked_sub(window.len() as u64)
+            .and_then(|s| i32::try_from(s).ok())
+            .filter(|_| i32::try_from(end).is_ok())
+            .ok_or_else(|| {
+                PreflateError::new(ExitCode::InvalidParameter, "resume position out of range")
+            })?;
+        let mut plain_text = PlainText::new_at(window.to_vec(), start);
+        let mut predictor = TokenPredictor::new(&params.0);
+        predictor.prime(&plain_text);
+        plain_text.shrink_to_dictionary();
+        Ok(Self {
+            predictor: Some(predictor),
+            writer: DeflateWriter::new(),
+            plain_text,
+        })
+    }
+
+    /// wharf: the deflate blocks of one piece, not yet encoded: encoding
+    /// depends on the bit position the piece starts at, which only the
+    /// pieces before it decide.
+    pub fn recreate_tokens(
+        &mut self,
+        plain_text: &[u8],
+        corrections: &[u8],
+    ) -> Result<Vec<DeflateTokenBlock>> {
+        self.plain_text.append(plain_text);
+        let input_start = PreflateInput::new(&self.plain_text);
+        // The first piece carries the parameters before its corrections.
+        let first = match self.predictor {
+            Some(_) => None,
+            None => Some(ReconstructionData::read(corrections)?),
+        };
+        let corrections: &[u8] = first.as_ref().map_or(corrections, |r| &r.corrections);
+        let predictor = match (&mut self.predictor, &first) {
+            (Some(p), _) => {
+                p.add_missing_previous_hash(&input_start);
+                p
+            }
+            (None, Some(r)) => self.predictor.insert(TokenPredictor::new(&r.parameters)),
+            (None, None) => unreachable!("read above"),
+        };
+        let mut input = input_start;
+        let mut decoder =
+            PredictionDecoderCabac::new(VP8Reader::new(Cursor::new(corrections)).unwrap());
+        let mut blocks = Vec::new();
+        loop {
+            let block = predictor.recreate_block(&mut decoder, &mut input)?;
+            blocks.push(block);
+            if decoder.decode_correction_bool(CodecCorrection::EndOfChunk, input.remaining() == 0)
+            {
+                break;
+            }
+        }
+        self.plain_text.shrink_to_dictionary();
+        Ok(blocks)
+    }
+}
+
+/// wharf: encodes the blocks of consecutive pieces into the deflate stream,
+/// carrying the partial byte from one piece to the next exactly as
+/// [`RecreateStreamProcessor::recompress`] does.
+#[derive(Debug)]
+pub struct PieceEncoder {
+    writer: DeflateWriter,
+}
+
+impl PieceEncoder {
+    pub fn new() -> Self {
+        Self {
+            writer: DeflateWriter::new(),
+        }
+    }
+
+    pub fn encode(&mut self, blocks: &[DeflateTokenBlock]) -> Result<Vec<u8>> {
+        for b in blocks {
+            self.writer.encode_block(b)?;
+        }
+        self.writer.flush();
+        Ok(self.writer.detach_output())
     }
 }
 

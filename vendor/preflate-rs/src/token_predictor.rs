@@ -21,7 +21,7 @@ use crate::{
     },
     hash_chain_holder::{HashChainHolder, MatchResult, new_hash_chain_holder},
     preflate_error::{AddContext, ExitCode, Result, err_exit_code},
-    preflate_input::PreflateInput,
+    preflate_input::{PlainText, PreflateInput},
     statistical_codec::{CodecCorrection, PredictionDecoder, PredictionEncoder},
     tree_predictor::{predict_tree_for_block, recreate_tree_for_block},
 };
@@ -54,6 +54,23 @@ impl TokenPredictor {
             params: *params,
             pending_reference: None,
             max_token_count: params.max_token_count.into(),
+        }
+    }
+
+    /// wharf: adds every position of `window` (the whole of `plain`, which
+    /// holds nothing else yet) to a new predictor's dictionary, as a stream
+    /// whose add policy is `AddAll` would have added them by the end of the
+    /// window. Hashes that need bytes past the window are left to
+    /// `add_missing_previous_hash`, as after any piece.
+    pub fn prime(&mut self, plain: &PlainText) {
+        let mut input = PreflateInput::new(plain);
+        self.state.rebase(input.pos());
+        while input.remaining() > 0 {
+            let n = input
+                .remaining()
+                .min(crate::hash_chain::MAX_UPDATE_HASH_BATCH);
+            self.state.update_hash(n, &input);
+            input.advance(n);
         }
     }
 
