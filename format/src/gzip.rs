@@ -384,6 +384,14 @@ impl Analyzer<'_> {
             max_chain_length: self.max_chain,
         };
         let mut p = PreflateStreamProcessor::new(&config);
+        // Set after the first piece where later ones can be predicted each
+        // from the plaintext before it, as they are rebuilt (`Rebuilder`):
+        // on all cores, their records written in order.
+        let mut resume: Option<ResumeParameters> = None;
+        let mut predicting: VecDeque<(u64, PredictJob)> = VecDeque::new();
+        let max_in_flight = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
         let mut window = WINDOW;
         while !p.is_done() {
             self.fill(window)?;
@@ -392,10 +400,13 @@ impl Analyzer<'_> {
                 return Ok(Err("deflate stream cut short".into()));
             }
             let slice = &self.buf[self.pos..self.pos + take];
-            let res = catch_unwind(AssertUnwindSafe(|| p.decompress(slice)));
-            let r = match res {
+            let res = catch_unwind(AssertUnwindSafe(|| match resume {
+                Some(_) => p.parse_piece(slice).map(Piece::Parsed),
+                None => p.decompress(slice).map(Piece::Predicted),
+            }));
+            let piece = match res {
                 Err(_) => return Ok(Err("preflate panicked on this stream".into())),
-                Ok(Ok(r)) if r.compressed_size > 0 => r,
+                Ok(Ok(r)) if r.compressed_size() > 0 => r,
                 Ok(Ok(_)) => return Ok(Err("preflate made no progress".into())),
                 Ok(Err(e)) if e.exit_code() == ExitCode::ShortRead => {
                     // Not one whole block in the window: more input, or a
@@ -413,36 +424,126 @@ impl Analyzer<'_> {
                     }
                     continue;
                 }
-                Ok(Err(e)) => {
-                    // The message ends with a source location on its own line.
-                    let msg = e.to_string();
-                    let first = msg.lines().next().unwrap_or_default();
-                    let hint = if self.max_chain < DEEP_CHAIN
-                        && (first.contains("max_chain") || first.contains("candidates"))
-                    {
-                        " (`wharf add --gzip-deep` models deeper match finders, slowly)"
-                    } else {
-                        ""
+                Ok(Err(e)) => return Ok(Err(self.preflate_reason(&e))),
+            };
+            let compressed_size = piece.compressed_size();
+            let plain = match piece {
+                Piece::Predicted(r) => {
+                    let plain = p.plain_text().len() as u64;
+                    if plain > MAX_PIECE || r.corrections.len() as u64 > MAX_PIECE {
+                        return Ok(Err("a deflate piece is too large".into()));
+                    }
+                    self.recon.deflate(plain, &r.corrections)?;
+                    resume = r.parameters.as_ref().and_then(ResumeParameters::of);
+                    plain
+                }
+                Piece::Parsed(parsed) => {
+                    let plain = parsed.plain_len() as u64;
+                    if plain > MAX_PIECE {
+                        return Ok(Err("a deflate piece is too large".into()));
+                    }
+                    while predicting.len() >= max_in_flight {
+                        if let Err(why) = self.write_predicted(&mut predicting, true)? {
+                            return Ok(Err(why));
+                        }
+                    }
+                    let Some(params) = resume else {
+                        return Ok(Err("deflate piece parsed before its parameters".into()));
                     };
-                    return Ok(Err(format!("preflate: {first}{hint}")));
+                    let job = std::thread::Builder::new()
+                        .name("wharf-preflate".into())
+                        .spawn(move || {
+                            catch_unwind(AssertUnwindSafe(|| parsed.predict(&params)))
+                                .map_err(|_| "preflate panicked on this stream".to_string())
+                                .and_then(|r| r.map_err(|e| format!("preflate: {e}")))
+                        })
+                        .map_err(Error::Stream)?;
+                    predicting.push_back((plain, job));
+                    if let Err(why) = self.write_predicted(&mut predicting, false)? {
+                        return Ok(Err(why));
+                    }
+                    plain
                 }
             };
-            let plain = p.plain_text().len() as u64;
-            if plain > MAX_PIECE || r.corrections.len() as u64 > MAX_PIECE {
-                return Ok(Err("a deflate piece is too large".into()));
-            }
-            self.recon.deflate(plain, &r.corrections)?;
             plan.plain_len += plain;
-            self.pos += r.compressed_size;
+            self.pos += compressed_size;
             p.shrink_to_dictionary();
             window = WINDOW;
             if self.over_budget() {
                 return Ok(Err(self.budget_reason()));
             }
         }
+        while !predicting.is_empty() {
+            if let Err(why) = self.write_predicted(&mut predicting, true)? {
+                return Ok(Err(why));
+            }
+        }
         Ok(Ok(()))
     }
+
+    /// Writes the DEFLATE records of pieces predicted on other threads, in
+    /// order: those finished (`wait`: at least the oldest).
+    fn write_predicted(
+        &mut self,
+        predicting: &mut VecDeque<(u64, PredictJob)>,
+        mut wait: bool,
+    ) -> Result<std::result::Result<(), String>> {
+        while let Some((_, job)) = predicting.front() {
+            if !wait && !job.is_finished() {
+                break;
+            }
+            wait = false;
+            let Some((plain, job)) = predicting.pop_front() else {
+                break;
+            };
+            let corrections = match job.join() {
+                Ok(Ok(c)) => c,
+                Ok(Err(why)) => return Ok(Err(why)),
+                Err(_) => return Ok(Err("preflate panicked on this stream".into())),
+            };
+            if corrections.len() as u64 > MAX_PIECE {
+                return Ok(Err("a deflate piece is too large".into()));
+            }
+            self.recon.deflate(plain, &corrections)?;
+        }
+        Ok(Ok(()))
+    }
+
+    /// Why preflate could not model a stream, for `wharf info`.
+    fn preflate_reason(&self, e: &preflate_rs::PreflateError) -> String {
+        // The message ends with a source location on its own line.
+        let msg = e.to_string();
+        let first = msg.lines().next().unwrap_or_default();
+        let hint = if self.max_chain < DEEP_CHAIN
+            && (first.contains("max_chain") || first.contains("candidates"))
+        {
+            " (`wharf add --gzip-deep` models deeper match finders, slowly)"
+        } else {
+            ""
+        };
+        format!("preflate: {first}{hint}")
+    }
 }
+
+/// A piece of a deflate stream as preflate's analysis returned it.
+enum Piece {
+    /// Predicted in line (the first piece of a stream, or every piece of a
+    /// stream that cannot be resumed).
+    Predicted(preflate_rs::PreflateStreamChunkResult),
+    /// Parsed, its prediction left to another thread.
+    Parsed(preflate_rs::ParsedPiece),
+}
+
+impl Piece {
+    fn compressed_size(&self) -> usize {
+        match self {
+            Piece::Predicted(r) => r.compressed_size,
+            Piece::Parsed(p) => p.compressed_size,
+        }
+    }
+}
+
+type PredictJob = std::thread::JoinHandle<std::result::Result<Vec<u8>, String>>;
 
 /// Regenerates compressed bytes from a reconstruction stream (`recon`) and
 /// the plaintext, pushed in pieces of any size. Shared by extract and by the

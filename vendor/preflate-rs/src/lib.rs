@@ -45,8 +45,8 @@ pub use preflate_input::{PlainText, PreflateInput};
 pub use statistical_codec::{CodecCorrection, CountNonDefaultActions};
 pub use deflate::deflate_token::DeflateTokenBlock;
 pub use stream_processor::{
-    PieceEncoder, PreflateStreamChunkResult, PreflateStreamProcessor, RecreateStreamProcessor,
-    ResumeParameters, preflate_whole_deflate_stream, recreate_whole_deflate_stream,
+    ParsedPiece, PieceEncoder, PreflateStreamChunkResult, PreflateStreamProcessor,
+    RecreateStreamProcessor, ResumeParameters, preflate_whole_deflate_stream, recreate_whole_deflate_stream,
 };
 
 /// Deepest hash-chain walk the parameter estimators accept (wharf patch:

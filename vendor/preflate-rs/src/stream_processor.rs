@@ -332,8 +332,75 @@ pub struct ResumeParameters(TokenPredictorParameters);
 impl ResumeParameters {
     pub fn of_first_piece(corrections: &[u8]) -> Result<Option<ResumeParameters>> {
         let r = ReconstructionData::read(corrections)?;
-        Ok((r.parameters.add_policy == DictionaryAddPolicy::AddAll)
-            .then_some(ResumeParameters(r.parameters)))
+        Ok(Self::of(&r.parameters))
+    }
+
+    /// From the parameters [`PreflateStreamProcessor::decompress`] estimated.
+    pub fn of(parameters: &TokenPredictorParameters) -> Option<ResumeParameters> {
+        (parameters.add_policy == DictionaryAddPolicy::AddAll).then_some(ResumeParameters(*parameters))
+    }
+}
+
+/// wharf: a piece of a deflate stream parsed but not yet predicted
+/// ([`PreflateStreamProcessor::parse_piece`]): everything its prediction
+/// needs, so that pieces can be predicted on several threads.
+pub struct ParsedPiece {
+    pub compressed_size: usize,
+    blocks: Vec<DeflateTokenBlock>,
+    /// The (up to) 32 KiB of plaintext before the piece, then its own.
+    window: Vec<u8>,
+    plain: Vec<u8>,
+    /// Absolute plaintext position where the piece starts.
+    start: u64,
+}
+
+impl ParsedPiece {
+    pub fn plain_len(&self) -> usize {
+        self.plain.len()
+    }
+
+    /// The piece's corrections, predicted by a predictor primed with the
+    /// window: what `decompress` would have written for it where `params`
+    /// allow resuming (see [`ResumeParameters`]).
+    pub fn predict(&self, params: &ResumeParameters) -> Result<Vec<u8>> {
+        let start = self
+            .start
+            .checked_sub(self.window.len() as u64)
+            .and_then(|s| i32::try_from(s).ok())
+            .ok_or_else(|| {
+                PreflateError::new(ExitCode::InvalidParameter, "piece position out of range")
+            })?;
+        let mut plain_text = PlainText::new_at(self.window.clone(), start);
+        let mut predictor = TokenPredictor::new(&params.0);
+        predictor.prime(&plain_text);
+        plain_text.shrink_to_dictionary();
+        plain_text.append(&self.plain);
+        let mut input = PreflateInput::new(&plain_text);
+        predictor.add_missing_previous_hash(&input);
+        let mut cabac_encoded = Vec::new();
+        let mut encoder = PredictionEncoderCabac::new(VP8Writer::new(&mut cabac_encoded).unwrap());
+        predict_blocks(&self.blocks, &mut predictor, &mut encoder, &mut input)?;
+        encoder.finish();
+        Ok(cabac_encoded)
+    }
+}
+
+impl PreflateStreamProcessor {
+    /// wharf: parses the next piece, like [`Self::decompress`], but leaves
+    /// its prediction to [`ParsedPiece::predict`]. After the first piece of
+    /// a stream only (which `decompress` must do, to estimate parameters);
+    /// once used, use it for every later piece of the stream.
+    pub fn parse_piece(&mut self, compressed_data: &[u8]) -> Result<ParsedPiece> {
+        let contents = self.parser.parse(compressed_data)?;
+        let plain = self.parser.plain_text();
+        let text = plain.text().to_vec();
+        Ok(ParsedPiece {
+            compressed_size: contents.compressed_size,
+            blocks: contents.blocks,
+            window: plain.prefix().to_vec(),
+            start: u64::from(plain.total_length()) - text.len() as u64,
+            plain: text,
+        })
     }
 }
 
