@@ -389,9 +389,7 @@ impl Analyzer<'_> {
         // on all cores, their records written in order.
         let mut resume: Option<ResumeParameters> = None;
         let mut predicting: VecDeque<(u64, PredictJob)> = VecDeque::new();
-        let max_in_flight = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2);
+        let max_in_flight = pieces_at_once();
         let mut window = WINDOW;
         while !p.is_done() {
             self.fill(window)?;
@@ -525,6 +523,21 @@ impl Analyzer<'_> {
     }
 }
 
+/// How many pieces of one deflate stream are analysed or rebuilt at once:
+/// one per core, but no more than [`MAX_PIECES_AT_ONCE`].
+fn pieces_at_once() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(1, MAX_PIECES_AT_ONCE)
+}
+
+/// A piece in flight holds its plaintext (about 4 MB for a 1 MiB window of
+/// zlib -6 output, at most [`PLAIN_LIMIT`]) and its tokens (about as much
+/// again): eight bound a layer's share of memory to ~100 MB on a machine of
+/// any size, and keep eight cores busy.
+const MAX_PIECES_AT_ONCE: usize = 8;
+
 /// A piece of a deflate stream as preflate's analysis returned it.
 enum Piece {
     /// Predicted in line (the first piece of a stream, or every piece of a
@@ -551,7 +564,7 @@ type PredictJob = std::thread::JoinHandle<std::result::Result<Vec<u8>, String>>;
 ///
 /// With `independent` pieces (a gzip node that says so, FORMAT.md §8.5), the
 /// pieces of a deflate stream whose compressor adds every position to its
-/// dictionary are rebuilt on as many threads as there are cores, each from
+/// dictionary are rebuilt on one thread per core (at most eight), each from
 /// the 32 KiB of plaintext before it
 /// ([`preflate_rs::RecreateStreamProcessor::resume`]), and encoded in order:
 /// preflate re-runs the compressor's match finder, which on one core is far
@@ -629,9 +642,7 @@ impl<R: Read> Rebuilder<R> {
             stream: None,
             queue: VecDeque::new(),
             encoder: PieceEncoder::new(),
-            max_in_flight: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2),
+            max_in_flight: pieces_at_once(),
             resumed: 0,
         })
     }
