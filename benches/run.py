@@ -172,11 +172,14 @@ def measure(cmd, stdout=None, stdin=None, env=None, cwd=None, check=True, timeou
 
 
 def warm(*paths):
-    """Read files once so that the timed command after finds them in the page cache. Without it, whichever tool
-    reads an input first pays for the disk (seen: wharf's add of legacy/app-change v2 took 1.18 s cold, 0.50 s
-    warm, 0.7 s of it system time), and the comparison depends on the order the tools run in."""
+    """Read files once so that the timed command after finds them in the page cache, and write back what earlier
+    steps left dirty. Without the reads, whichever tool reads an input first pays for the disk (seen: wharf's add
+    of legacy/app-change v2 took 1.18 s cold, 0.50 s warm, 0.7 s of it system time), and the comparison depends
+    on the order the tools run in; without the sync, a command that fsyncs (wharf's extract -o FILE) waits for
+    the writeback of whatever ran before it (seen: 1.5 s instead of 0.85 s while a build's output was written)."""
     for p in paths:
         measure(["cat", p])
+    os.sync()
 
 
 def sha256_file(path):
@@ -663,6 +666,7 @@ def bench_wharf_pairs(wh, pairs, formats, scenarios, work, transfer=True):
                 a2 = wh.add(st, v2["path"], "v2")
                 out = os.path.join(work, "out.tar")
                 rm(out)
+                warm()
                 ex = wh.extract(st, "v2", out)
                 sha = sha256_file(out)
                 rm(out)
@@ -1899,7 +1903,8 @@ def report(R, out_md, png):
           "wharf bundle: writing the bundle); *rebuild s* = time to rebuild the v2 tar on the receiver (wharf: "
           "`extract` in the receiver's store); *peak MB* = peak RSS of ingest / rebuild; "
           "*byte-identical* = SHA-256 of the rebuilt tar equals v2's. Every tool finds v1 and v2 in a warm page "
-          "cache: both are read once before each tool's row (and before each wharf `add`).")
+          "cache: both are read once, and `sync` run, before each tool's row (and before each wharf `add` and "
+          "`extract`).")
         a("")
         for fmt in R["formats"]:
             for s in R["scenarios"]:
