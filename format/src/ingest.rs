@@ -847,6 +847,12 @@ impl Ingester<'_> {
             (Ok(out), None) => out,
         };
         let (len, sha) = plain.rebuilt()?;
+        #[cfg(test)]
+        let sha = if independent && tests::SPOIL_INDEPENDENT_CHECK.with(|s| s.get()) {
+            format!("spoiled {sha}")
+        } else {
+            sha
+        };
         if len != r.len || sha != r.sha256()? || plain_node.len != plan.plain_len {
             return Ok(Err(format!(
                 "the bytes rebuilt from the plaintext differ from the original ({len} bytes, sha256 {sha})"
@@ -945,4 +951,98 @@ fn write_zstd_recon(
         }
     }
     Ok(w.len)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ingest::{add, AddOptions};
+    use crate::recipe::NodeBody;
+    use crate::store::{Store, StoreConfig};
+    use crate::synth::TarWriter;
+    use sha2::Digest;
+    use std::cell::Cell;
+    use std::io::Write;
+    use std::sync::Arc;
+
+    thread_local! {
+        /// Makes the independent-pieces check of a gzip member see bytes
+        /// that differ from the original, as a stream the check rejects
+        /// would, so that the piece-by-piece fallback is taken.
+        pub(super) static SPOIL_INDEPENDENT_CHECK: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// An OCI-like image whose one layer is a gzip member of several
+    /// preflate pieces; the layer's gzip node says whether add recorded
+    /// its pieces as independent.
+    fn add_gzip_image(spoil: bool) -> (bool, Vec<u8>, Vec<u8>) {
+        let mut layer = TarWriter::new(Vec::new());
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for i in 0..80 {
+            // Compressible but not trivially so: words drawn from a xorshift stream.
+            let mut body = Vec::new();
+            while body.len() < 100_000 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                body.extend_from_slice(format!("w{:x} ", seed % 1_000_000).as_bytes());
+            }
+            layer
+                .file(
+                    &format!("usr/lib/pkg/mod{i}.py"),
+                    0o644,
+                    1_700_000_000,
+                    &body,
+                )
+                .expect("tar");
+        }
+        layer.finish().expect("tar");
+        let plain = layer.into_inner();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+        gz.write_all(&plain).expect("gzip");
+        let gz = gz.finish().expect("gzip");
+        assert!(
+            gz.len() > 2 << 20,
+            "want several pieces, got {} bytes",
+            gz.len()
+        );
+        let mut image = TarWriter::new(Vec::new());
+        let name = format!("blobs/sha256/{}", hex::encode(sha2::Sha256::digest(&gz)));
+        image.file(&name, 0o444, 0, &gz).expect("tar");
+        image.file("manifest.json", 0o644, 0, b"[]").expect("tar");
+        image.finish().expect("tar");
+        let image = image.into_inner();
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store =
+            Arc::new(Store::init(&dir.path().join("s"), StoreConfig::default()).expect("init"));
+        SPOIL_INDEPENDENT_CHECK.with(|s| s.set(spoil));
+        let added = add(&store, &mut image.as_slice(), "img", &AddOptions::default());
+        SPOIL_INDEPENDENT_CHECK.with(|s| s.set(false));
+        added.expect("add");
+        let r = store.require_ref("img").expect("ref");
+        let recipe = crate::extract::load_recipe(&store, &r.recipe).expect("recipe");
+        let layer = recipe.layers.first().expect("one layer").clone();
+        let node = crate::extract::load_node(&store, &layer.node).expect("node");
+        let independent = match node.body {
+            NodeBody::Gzip { independent, .. } => independent,
+            other => panic!("layer not stored by its plaintext: {other:?}"),
+        };
+        let out = crate::extract::extract_to_vec(&store, "img").expect("extract");
+        (independent, image, out)
+    }
+
+    #[test]
+    fn a_gzip_member_whose_independent_rebuild_differs_is_checked_piece_by_piece() {
+        let (independent, image, out) = add_gzip_image(false);
+        assert!(independent, "the independent check passes on zlib -6");
+        assert!(out == image, "rebuilt image differs");
+
+        let (independent, image, out) = add_gzip_image(true);
+        assert!(
+            !independent,
+            "a failed independent check must not flag the node"
+        );
+        assert_eq!(out.len(), image.len());
+        assert!(out == image, "rebuilt image differs after the fallback");
+    }
 }
