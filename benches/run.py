@@ -3136,9 +3136,10 @@ def main():
                          "results.json are left alone)")
     ap.add_argument("--scenarios", default="all", help="comma list, or all")
     ap.add_argument("--formats", default="all", help="comma list, or all (the tier's formats)")
-    ap.add_argument("--peer-formats", default="legacy,oci-gzip-pigz",
+    ap.add_argument("--peer-formats",
                     help="formats on which every peer runs (others get the cheap rows: full copy, registry); "
-                         "comma list or all")
+                         "comma list or all; default: legacy,oci-gzip-pigz on the small tier (the other two "
+                         "formats repeat what those show), all on the large tier (its one format)")
     ap.add_argument("--zstd19", action="store_true",
                     help="also run zstd --patch-from -19 (about 150 s per small pair on 2 cores)")
     ap.add_argument("--quick", action="store_true", help="skip the peers and the chunk-size study")
@@ -3187,6 +3188,8 @@ def main():
     tier = TIERS[args.tier]
     scenarios = tier["scenarios"] if args.scenarios == "all" else args.scenarios.split(",")
     formats = tier["formats"] if args.formats == "all" else args.formats.split(",")
+    if args.peer_formats is None:
+        args.peer_formats = "legacy,oci-gzip-pigz" if args.tier == "small" else "all"
     peer_formats = formats if args.peer_formats == "all" else args.peer_formats.split(",")
     for s in scenarios:
         if s not in tier["scenarios"]:
