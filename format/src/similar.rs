@@ -54,22 +54,22 @@ const POOR: usize = 4;
 const DELTA_OVERHEAD: usize = 24;
 
 /// The default zstd level for deltas of file contents (skeletons have their
-/// own settings below 16: [`delta::encode_headers`]); a delta that comes out
-/// poor (over a quarter of the chunk as stored) is tried again at
-/// [`RETRY_LEVEL`] when base and target are small, and the smaller kept.
+/// own settings below 16: [`delta::encode_headers`]).
 /// Measured against level 9 for everything (delta bytes; user CPU of both
 /// ends of a push): small corpus rebuild 188 KB against 181, dep-bump
 /// 3.10 MB against 2.80, base-upgrade 6.46 against 6.02 (all still under
 /// xdelta3's), app-change 2.1 KB either way; the 5.6 GB dep-bump pair
-/// 9.06 MB against 8.51 at 6.9 CPU-s against 12.3. Retrying every poor
-/// delta at 9 took back two thirds of that CPU for 3 % of the bytes. Level 9 is within 3-5 % of
-/// level 12 at a fifth to a tenth of its time (levels above 9 switch zstd to
-/// binary-tree match finders that index the whole base for every chunk).
+/// 9.06 MB against 8.51 at 6.9 CPU-s against 12.3. Level 9 is within 3-5 %
+/// of level 12 at a fifth to a tenth of its time (levels above 9 switch
+/// zstd to binary-tree match finders that index the whole base for every
+/// chunk).
+///
+/// A second pass at level 9 over deltas that came out poor (over a quarter
+/// of the stored chunk) was tried and dropped: on the 5.6 GB major-upgrade
+/// pair it took 25.5 s (39.9 CPU-s) for a bundle of 1,134.8 MB where
+/// level 1 alone takes 16.2 s (23.1 CPU-s) for 1,137.5 MB (+0.24 %); on the
+/// small corpus it saved under 0.1 % on every pair but the 2.6 KB app change.
 pub const DEFAULT_LEVEL: i32 = 1;
-/// The level of the second try of a poor delta.
-const RETRY_LEVEL: i32 = 9;
-/// Most base and target bytes a second try is spent on.
-const RETRY_MAX_BYTES: usize = 256 << 10;
 
 fn hash_path(p: &[u8]) -> u64 {
     let p = p.strip_prefix(b"./").unwrap_or(p);
@@ -751,7 +751,6 @@ impl DeltaPlanner {
         bases: Vec<BaseRef>,
         target: &[u8],
         skel: bool,
-        stored: usize,
     ) -> Result<Option<(Vec<BaseRef>, Vec<u8>)>> {
         if bases.is_empty() {
             return Ok(None);
@@ -766,25 +765,7 @@ impl DeltaPlanner {
         let d = if skel && self.level < 16 {
             delta::encode_headers(&base, target)?
         } else {
-            // A poor delta at a fast level is a chunk that really changed,
-            // where a lazy parser may find a better path through the edits:
-            // worth a second pass where that pass is cheap (it costs in
-            // proportion to base and target), which most chunks of a
-            // rebuild (a few bytes changed) never need.
-            let d = delta::encode_data(&base, target, self.level)?;
-            if self.level < RETRY_LEVEL
-                && d.len() * POOR > stored
-                && base.len() + target.len() <= RETRY_MAX_BYTES
-            {
-                let again = delta::encode_data(&base, target, RETRY_LEVEL)?;
-                if again.len() < d.len() {
-                    again
-                } else {
-                    d
-                }
-            } else {
-                d
-            }
+            delta::encode_data(&base, target, self.level)?
         };
         Ok(Some((bases, d)))
     }
@@ -847,7 +828,7 @@ impl DeltaPlanner {
             }
             let skel = matches!(ctx, Ctx::Stream { mapping, .. }
                 if self.mappings[*mapping].kind == StreamKind::Skeleton);
-            if let Some((refs, d)) = self.try_bases(sent, c, &target, skel, stored_len)? {
+            if let Some((refs, d)) = self.try_bases(sent, c, &target, skel)? {
                 if best.as_ref().is_none_or(|(_, bd)| d.len() < bd.len()) {
                     best = Some((refs, d));
                 }
@@ -950,9 +931,7 @@ impl DeltaPlanner {
         };
         let bases = self.mappings[m].refs_capped(ranges, GROUP_BASE_BYTES);
         let total_stored: usize = stored.iter().sum();
-        if let Some((bases, d)) =
-            self.try_bases(sent, bases, &target, false, stored.iter().sum())?
-        {
+        if let Some((bases, d)) = self.try_bases(sent, bases, &target, false)? {
             let cost = d.len() + DELTA_OVERHEAD + bases.len() * 8 + ids.len() * 10;
             if cost < total_stored {
                 return Ok(vec![(
