@@ -520,6 +520,11 @@ impl DeltaPlanner {
         extra: &[ChunkId],
         depth: u32,
     ) -> Result<()> {
+        // A child that is one of the base images' own is held by the
+        // receiver whole: nothing under it needs a plan, and pairing it
+        // would read its skeleton (megabytes on a multi-GB layer) for
+        // nothing.
+        let held: HashSet<ChunkId> = oc.iter().chain(extra).copied().collect();
         let mut cands: Vec<ChunkId> = oc.to_vec();
         cands.extend(extra.iter().filter(|c| !oc.contains(c)));
         cands.truncate(1024);
@@ -533,7 +538,7 @@ impl DeltaPlanner {
         // child's member path finds no match.
         let mut sets: Vec<Option<HashSet<u64>>> = vec![None; cands.len()];
         for (i, c) in nc.iter().enumerate() {
-            if self.ctx.contains_key(c) {
+            if self.ctx.contains_key(c) || held.contains(c) {
                 continue;
             }
             if let Some(old) = ni.children.get(&(i as u64)).and_then(|p| by_path.get(p)) {

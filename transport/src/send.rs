@@ -239,7 +239,14 @@ pub fn prepare(
         },
     };
     let planner = planner(store, &r.recipe, &bases, deltas)?;
+    let t = std::time::Instant::now();
     let negotiated = negotiate(store, &r.recipe, &bases.images, planner.as_ref(), has)?;
+    if std::env::var_os("WHARF_DEBUG_DELTAS").is_some() {
+        eprintln!(
+            "delta-debug negotiated in {:.3} s",
+            t.elapsed().as_secs_f64()
+        );
+    }
     let report = TransferReport {
         name: as_name.to_string(),
         image_bytes: r.len,

@@ -579,6 +579,44 @@ fn a_rebuild_costs_about_the_bytes_that_changed() {
     assert!(rep.delta_bytes < rep.delta_instead_of / 10, "{rep:?}");
 }
 
+/// The planner pairs only what changed: a layer both images share is held
+/// by the receiver whole, so nothing of it is read or planned (on a
+/// multi-GB image that was most of the planner's time).
+#[test]
+fn the_planner_leaves_alone_layers_the_receiver_holds() {
+    let img = images();
+    let d = tempfile::tempdir().unwrap();
+    let src = sender(&d);
+    let v1 = src.require_ref("app:v1").unwrap().recipe;
+    let v2 = src.require_ref("app:v2").unwrap().recipe;
+    // The images share their first layer (same node), not their second.
+    let (l1, l2) = (
+        load_recipe(&src, &v1).unwrap().layers,
+        load_recipe(&src, &v2).unwrap().layers,
+    );
+    assert_eq!(l1[0].node, l2[0].node);
+    assert_ne!(l1[1].node, l2[1].node);
+    let resolver = Arc::new(BaseResolver::new(src.clone()));
+    let p = wharf_format::similar::DeltaPlanner::new(
+        resolver,
+        &v2,
+        &[v1],
+        wharf_format::similar::DEFAULT_LEVEL,
+    )
+    .unwrap();
+    // The outer tar and the rebuilt layer; not the shared base layer.
+    assert_eq!(p.stats.nodes_paired, 2, "{:?}", p.stats);
+    // Files with contents: the rebuilt layer's and the outer tar's seven
+    // (config, two VERSION, two json, manifest.json, repositories); the
+    // base layer's 52 are not looked at.
+    let outer_files = 7;
+    assert!(
+        p.stats.files_total <= (img.entries + outer_files) as u64,
+        "{:?}",
+        p.stats
+    );
+}
+
 /// Only bases the receiver holds are used: none when it holds no version,
 /// and a bundle made with `--have` of an image the store lacks fails
 /// cleanly.
