@@ -617,6 +617,36 @@ fn the_planner_leaves_alone_layers_the_receiver_holds() {
     );
 }
 
+/// The set of chunks a receiver holding base images need not be asked
+/// about is exactly every chunk of those images.
+#[test]
+fn the_closure_of_base_images_is_every_chunk_of_them() {
+    let d = tempfile::tempdir().unwrap();
+    let src = sender(&d);
+    let v1 = src.require_ref("app:v1").unwrap().recipe;
+    let v2 = src.require_ref("app:v2").unwrap().recipe;
+    let mut want: HashSet<ChunkId> = HashSet::new();
+    for r in [v1, v2] {
+        want.extend(walk::image_chunks(&src, &r, &HashSet::new()).unwrap());
+    }
+    let got = walk::closure_of(&src, &[v1, v2]).unwrap();
+    assert_eq!(got.len(), want.len());
+    assert!(want.iter().all(|id| got.contains(id)));
+    let only_v1 = walk::closure_of(&src, &[v1]).unwrap();
+    let in_v1: HashSet<ChunkId> = walk::image_chunks(&src, &v1, &HashSet::new())
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(only_v1.len(), in_v1.len());
+    let v2_only: Vec<ChunkId> = walk::image_chunks(&src, &v2, &HashSet::new())
+        .unwrap()
+        .into_iter()
+        .filter(|id| !in_v1.contains(id))
+        .collect();
+    assert!(!v2_only.is_empty());
+    assert!(v2_only.iter().all(|id| !only_v1.contains(id)));
+}
+
 /// Only bases the receiver holds are used: none when it holds no version,
 /// and a bundle made with `--have` of an image the store lacks fails
 /// cleanly.
