@@ -218,16 +218,21 @@ fn missing_in_stream(
     // Walk level by level so a missing piece is reported instead of failing.
     // Each level keeps every id once: a hostile tree that repeats one piece
     // thousands of times at every level costs one visit, not their product.
+    // The leaves, the largest level by far, are not deduplicated: they
+    // come from distinct pieces, so their count is bounded by the bytes
+    // read, and repeats are only looked up again (callers deduplicate what
+    // is missing); a hash set of every leaf of a multi-GB layer would cost
+    // tens of MB.
     let mut level: Vec<ChunkId> = s.entries.iter().map(|e| e.0).collect();
     for depth in (0..=s.level).rev() {
-        let mut seen = HashSet::new();
-        level.retain(|id| seen.insert(*id));
         if depth == 0 {
             if leaves {
                 out.extend(level.iter().filter(|id| !store.contains(id)).copied());
             }
             break;
         }
+        let mut seen = HashSet::new();
+        level.retain(|id| seen.insert(*id));
         let mut next = Vec::new();
         for p in &level {
             if !store.contains(p) {
