@@ -2,7 +2,8 @@
 //!
 //! [`GarageCluster::start`] writes one config per node under a temp dir
 //! (replication factor 3, consistency mode "consistent", LMDB metadata, or
-//! SQLite if LMDB will not start), launches `garage server` for each, and
+//! SQLite if LMDB will not start twice; a node that exits while starting is
+//! moved to fresh ports first), launches `garage server` for each, and
 //! drives the setup with the `garage` CLI exactly as an operator would:
 //!
 //! ```text
@@ -128,17 +129,32 @@ impl GarageCluster {
             c.launch(i).map_err(|e| c.fail(&e))?;
         }
         for i in 0..NODES {
-            let id = match c.wait_node_ready(i, deadline) {
-                Ok(id) => id,
-                Err(NodeWait::Exited(why)) if c.engines[i] == "lmdb" => {
-                    // LMDB would not open here (e.g. no mmap); SQLite then.
-                    eprintln!("garage node {i}: {why}; retrying with db_engine = \"sqlite\"");
-                    c.engines[i] = "sqlite";
-                    c.launch(i).map_err(|e| c.fail(&e))?;
-                    c.wait_node_ready(i, deadline)
-                        .map_err(|e| c.fail(&e.message()))?
+            let mut exits = 0;
+            let id = loop {
+                match c.wait_node_ready(i, deadline) {
+                    Ok(id) => break id,
+                    Err(NodeWait::Exited(why)) if exits < 2 => {
+                        exits += 1;
+                        // The ports found free may have been taken since (by
+                        // another test's cluster, or as the local port of an
+                        // outgoing connection): Garage panics when it cannot
+                        // bind. The node has met no peer yet, so it can move.
+                        let p = free_ports(2).map_err(|e| c.fail(&e))?;
+                        c.rpc_ports[i] = p[0];
+                        c.s3_ports[i] = p[1];
+                        // Twice: LMDB would not open here (e.g. no mmap);
+                        // SQLite then.
+                        if exits == 2 {
+                            c.engines[i] = "sqlite";
+                        }
+                        eprintln!(
+                            "garage node {i}: {why}; retrying on new ports with db_engine = \"{}\"",
+                            c.engines[i]
+                        );
+                        c.launch(i).map_err(|e| c.fail(&e))?;
+                    }
+                    Err(e) => return Err(c.fail(&e.message())),
                 }
-                Err(e) => return Err(c.fail(&e.message())),
             };
             c.node_ids.push(id);
         }
