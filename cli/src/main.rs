@@ -91,9 +91,13 @@ enum Cmd {
     /// List stored images with their sizes and what each alone holds.
     Ls,
     /// Show an image's layers, their digests, and what they share with other images.
-    Info { name: String },
+    Info {
+        /// The image's name in this store (see `wharf ls`).
+        name: String,
+    },
     /// Rebuild an image tar, byte-identical to what was added, verified as it is written.
     Extract {
+        /// The image's name in this store (see `wharf ls`).
         name: String,
         /// Output file, or `-` for stdout (e.g. `| docker load`).
         #[arg(long, short)]
@@ -101,11 +105,14 @@ enum Cmd {
     },
     /// Check the store. Without --full: indexes, packs and recipes' presence. With --full: every chunk re-hashed and every recipe resolved.
     Verify {
+        /// Also read and re-hash every chunk and resolve every image's recipe (reads the
+        /// whole store).
         #[arg(long)]
         full: bool,
     },
     /// Remove names (the data stays until `wharf gc`).
     Rm {
+        /// Names to remove (see `wharf ls`).
         #[arg(required = true)]
         names: Vec<String>,
     },
@@ -159,7 +166,9 @@ enum Cmd {
     /// only once every chunk is there and verified; run the same command again after an
     /// interruption and what arrived is not sent again.
     Push {
+        /// The image's name in this store (with --from-docker: in Docker).
         name: String,
+        /// The receiving store: http://host:port, ssh://[user@]host[:port]/path, or a directory.
         dest: String,
         /// Publish under this name on the receiver (default: the same name).
         #[arg(long = "as")]
@@ -182,7 +191,10 @@ enum Cmd {
     },
     /// Fetch an image from another store (see `push` for SRC), fetching only missing chunks.
     Pull {
+        /// The store to fetch from: http://host:port, ssh://[user@]host[:port]/path, or a
+        /// directory.
         src: String,
+        /// The image's name in that store.
         name: String,
         /// Store under this name here (default: the same name).
         #[arg(long = "as")]
@@ -240,11 +252,16 @@ enum Cmd {
     /// has) and/or --have-file (written on the receiver by `wharf have`). Without either,
     /// the bundle carries the whole image.
     Bundle {
+        /// The image's name in this store.
         name: String,
+        /// The bundle file to write (a device or FIFO is written in place).
         #[arg(long, short)]
         output: PathBuf,
+        /// An image of this store the receiver also holds (repeatable): its chunks are left
+        /// out, and the bundle's deltas may refer to it.
         #[arg(long)]
         have: Vec<String>,
+        /// The receiver's chunk list, from `wharf have -o FILE` run there.
         #[arg(long)]
         have_file: Option<PathBuf>,
         /// Show, per layer, what the bundle would carry; write nothing.
@@ -254,9 +271,13 @@ enum Cmd {
         deltas: DeltaArgs,
     },
     /// Apply a bundle: store its chunks (each verified) and publish its image name.
-    Unbundle { input: PathBuf },
+    Unbundle {
+        /// The bundle file (from `wharf bundle`).
+        input: PathBuf,
+    },
     /// Write the list of chunks this store holds, for a sender's `bundle --have-file`.
     Have {
+        /// The file to write, to carry to the sender.
         #[arg(long, short)]
         output: PathBuf,
     },
@@ -297,13 +318,13 @@ struct DeltaArgs {
     /// Send every missing chunk whole. By default a chunk travels as a zstd delta against
     /// similar bytes the receiver already holds (the same file in the previous version of the
     /// layer, the same tar headers) whenever that is smaller; the receiver rebuilds it and
-    /// checks its hash. Deltas cost the sender CPU: on links faster than about 100 Mbit/s a
-    /// transfer without them usually finishes first (benches/RESULTS.md, break-even link).
+    /// checks its hash. Deltas cost the sender CPU: on links faster than about 120-280 Mbit/s
+    /// (15-35 MB/s) a transfer without them usually finishes first (benches/RESULTS.md, break-even link).
     #[arg(long)]
     no_deltas: bool,
     /// zstd level for deltas of file contents: higher finds smaller deltas at more CPU on the
-    /// sender. Below 9, a delta over a quarter of its chunk's stored size is tried again at 9.
-    /// Tar headers get their own settings below 16.
+    /// sender (level 9: 4-10 % fewer bytes for about twice the CPU of both ends). Tar headers
+    /// get their own settings below 16.
     #[arg(long, default_value_t = wharf_format::similar::DEFAULT_LEVEL,
           value_parser = clap::value_parser!(i32).range(1..=22))]
     delta_level: i32,
