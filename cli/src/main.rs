@@ -335,6 +335,7 @@ impl DeltaArgs {
         wharf_transport::send::DeltaOptions {
             enabled: !self.no_deltas,
             level: self.delta_level,
+            ..Default::default()
         }
     }
 }

@@ -245,27 +245,39 @@ pub fn encode_headers(base: &[u8], target: &[u8]) -> Result<Vec<u8>> {
     )
 }
 
-/// Rebuilds a chunk of `raw_len` bytes from its delta and base.
+/// Rebuilds a chunk of `raw_len` bytes from its delta and base: a zstd
+/// frame, or a header delta ([`crate::hdrdelta`]) by its magic.
 pub fn decode(base: &[u8], delta: &[u8], raw_len: usize) -> Result<Vec<u8>> {
     if raw_len > MAX_CHUNK_LEN {
         return Err(Error::Corrupt(format!(
             "delta of a {raw_len}-byte chunk: larger than any chunk"
         )));
     }
+    if let Some(body) = delta.strip_prefix(crate::hdrdelta::MAGIC) {
+        return crate::hdrdelta::decode(base, body, raw_len);
+    }
+    let out = decode_at_most(base, delta, raw_len)?;
+    if out.len() != raw_len {
+        return Err(Error::Corrupt(format!(
+            "delta rebuilt {} bytes where {raw_len} were announced",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// Decompresses one zstd frame with `base` as prefix into at most `cap`
+/// bytes.
+pub(crate) fn decode_at_most(base: &[u8], delta: &[u8], cap: usize) -> Result<Vec<u8>> {
+    let raw_len = cap;
     let mut dctx = DCtx::create();
     dctx.set_parameter(DParameter::WindowLogMax(27))
         .map_err(|e| zstd_err("zstd setup", e))?;
     dctx.ref_prefix(base)
         .map_err(|e| zstd_err("zstd prefix", e))?;
     let mut out = Vec::with_capacity(raw_len);
-    let n = dctx
-        .decompress(&mut out, delta)
+    dctx.decompress(&mut out, delta)
         .map_err(|e| zstd_err("cannot decode delta", e))?;
-    if n != raw_len {
-        return Err(Error::Corrupt(format!(
-            "delta rebuilt {n} bytes where {raw_len} were announced"
-        )));
-    }
     Ok(out)
 }
 

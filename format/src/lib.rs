@@ -23,6 +23,7 @@ pub mod error;
 pub mod extract;
 pub mod gzip;
 pub mod hash;
+pub mod hdrdelta;
 pub mod ingest;
 pub mod list;
 pub mod maintenance;

@@ -17,6 +17,9 @@ pub const BUNDLE_MAGIC: &[u8; 8] = b"WHARFBD1";
 /// predates deltas then says "not a wharf bundle it knows" up front instead
 /// of failing on an unknown frame halfway through.
 pub const BUNDLE_MAGIC_DELTAS: &[u8; 8] = b"WHARFBD2";
+/// The magic of a bundle whose deltas may be header deltas (PROTOCOL.md
+/// §9.2.8), for the same reason.
+pub const BUNDLE_MAGIC_HEADER_DELTAS: &[u8; 8] = b"WHARFBD3";
 pub const HAVE_MAGIC: &[u8; 8] = b"WHARFHV1";
 
 /// Writes every chunk id in the store, sorted: what a sender may skip.
@@ -84,10 +87,10 @@ pub fn write_bundle(
         inner: out,
         count: 0,
     };
-    let magic = if planner.is_some() {
-        BUNDLE_MAGIC_DELTAS
-    } else {
-        BUNDLE_MAGIC
+    let magic = match (&planner, deltas.header_deltas) {
+        (Some(_), true) => BUNDLE_MAGIC_HEADER_DELTAS,
+        (Some(_), false) => BUNDLE_MAGIC_DELTAS,
+        (None, _) => BUNDLE_MAGIC,
     };
     out.write_all(magic).map_err(Error::Io)?;
     send::encode_chunks(
@@ -160,7 +163,7 @@ pub fn read_bundle(store: &Arc<Store>, input: &mut dyn Read) -> Result<Vec<Strin
         .map_err(|_| Error::Protocol("not a wharf bundle (too short)".into()))?;
     let deltas_allowed = match &magic {
         m if m == BUNDLE_MAGIC => false,
-        m if m == BUNDLE_MAGIC_DELTAS => true,
+        m if m == BUNDLE_MAGIC_DELTAS || m == BUNDLE_MAGIC_HEADER_DELTAS => true,
         m if m.starts_with(b"WHARFBD") => {
             return Err(Error::Protocol(format!(
                 "a wharf bundle of a later version ({}): upgrade wharf to read it",

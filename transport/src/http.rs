@@ -20,7 +20,7 @@ use crate::session::{
 };
 use crate::{walk, Error, Result, PROTOCOL_VERSION};
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -85,14 +85,15 @@ struct Srv {
     tokens: Arc<Tokens>,
     /// Serializes finishing writers: each finish may merge index files.
     finish: Arc<Mutex<()>>,
-    /// Delta planners of recent pulls, by (recipe, bases): the requests of
+    /// Delta planners of recent pulls, by (recipe, bases, whether the
+    /// client decodes header deltas): the requests of
     /// one pull share one, since building it reads every paired skeleton.
     planners: Arc<Mutex<Vec<PlannerEntry>>>,
 }
 
 /// A cached planner, its key, and when it was last used.
 type PlannerEntry = (
-    (ChunkId, Vec<ChunkId>),
+    (ChunkId, Vec<ChunkId>, bool),
     Arc<DeltaPlanner>,
     std::time::Instant,
 );
@@ -130,8 +131,17 @@ fn decode_get_delta(b: &[u8]) -> Result<GetDelta> {
     Ok((ids[0], ids[1..].to_vec(), rest))
 }
 
-async fn h_get_delta(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiError> {
+/// The query by which a get-delta request says its client decodes header
+/// deltas (an older server ignores it and sends zstd deltas only).
+pub(crate) const HEADER_DELTAS_QUERY: &str = "header-deltas=1";
+
+async fn h_get_delta(
+    State(s): State<Srv>,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let planners = s.planners.clone();
+    let header_deltas = query.is_some_and(|q| q.split('&').any(|p| p == HEADER_DELTAS_QUERY));
     blocking(&s, move |store| {
         let (target, cands, ids) = decode_get_delta(&body).map_err(|e| match e {
             Error::Protocol(m) => ApiError(StatusCode::BAD_REQUEST, m),
@@ -148,7 +158,7 @@ async fn h_get_delta(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiE
         // Keyed by what the client offered: the requests of one pull offer
         // the same, and which of it this store holds whole is worked out
         // (reading every published recipe) once, when the planner is built.
-        let key = (target, cands.clone());
+        let key = (target, cands.clone(), header_deltas);
         let cached = planners.lock().ok().and_then(|mut list| {
             list.retain(|(_, _, used)| used.elapsed() < PLANNER_IDLE);
             list.iter_mut()
@@ -177,7 +187,10 @@ async fn h_get_delta(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiE
                         images: bases.clone(),
                         recipes_held: true,
                     },
-                    DeltaOptions::default(),
+                    DeltaOptions {
+                        header_deltas,
+                        ..DeltaOptions::default()
+                    },
                 )
                 .unwrap_or(None)
                 {
@@ -704,9 +717,12 @@ impl HttpClient {
         name: &str,
         deltas: DeltaOptions,
     ) -> Result<crate::walk::Plan> {
-        send::plan(store, name, deltas, &mut |ids, layers| {
-            self.ask_has(ids, layers)
-        })
+        send::plan(
+            store,
+            name,
+            deltas.for_peer(&self.server),
+            &mut |ids, layers| self.ask_has(ids, layers),
+        )
     }
 
     /// Sends image `name` from `store` and publishes it on the server as
@@ -734,10 +750,7 @@ impl HttpClient {
         progress: &(dyn Fn(&TransferReport) + Sync),
     ) -> Result<TransferReport> {
         let started = std::time::Instant::now();
-        let deltas = DeltaOptions {
-            enabled: deltas.enabled && self.server.speaks_deltas(),
-            ..deltas
-        };
+        let deltas = deltas.for_peer(&self.server);
         let with_wire = |g: &TransferReport| -> TransferReport {
             let mut g = g.clone();
             let (o, i) = self.wire_bytes();
@@ -959,7 +972,8 @@ impl HttpClient {
                     got_bytes.fetch_add(len, Ordering::Relaxed);
                 } else {
                     let body = encode_get_delta(&r.recipe, &bases, b);
-                    let reply = self.request("/v1/get-delta", Some(&body))?;
+                    let reply =
+                        self.request(&format!("/v1/get-delta?{HEADER_DELTAS_QUERY}"), Some(&body))?;
                     let mut rd: &[u8] = &reply;
                     let mut want: HashSet<ChunkId> = b.iter().copied().collect();
                     let mut failed = Vec::new();

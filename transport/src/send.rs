@@ -29,6 +29,9 @@ const ENCODE_BATCH: usize = 512;
 pub struct DeltaOptions {
     pub enabled: bool,
     pub level: i32,
+    /// Whether the receiver decodes header deltas (PROTOCOL.md §9.2.8): a
+    /// transfer turns this off for a peer that did not say so.
+    pub header_deltas: bool,
 }
 
 impl Default for DeltaOptions {
@@ -36,6 +39,18 @@ impl Default for DeltaOptions {
         DeltaOptions {
             enabled: true,
             level: wharf_format::similar::DEFAULT_LEVEL,
+            header_deltas: true,
+        }
+    }
+}
+
+impl DeltaOptions {
+    /// These options for a receiver whose HELLO is `peer`.
+    pub fn for_peer(self, peer: &crate::session::Hello) -> Self {
+        DeltaOptions {
+            enabled: self.enabled && peer.speaks_deltas(),
+            header_deltas: self.header_deltas && peer.speaks_header_deltas(),
+            ..self
         }
     }
 }
@@ -302,7 +317,8 @@ pub fn planner(
     // Every base is skipped when negotiating (a bundle may name many);
     // deltas are made against the first few.
     let bases = &bases[..bases.len().min(MAX_BASE_IMAGES)];
-    let mut p = DeltaPlanner::new(resolver, recipe, bases, opts.level)?;
+    let mut p = DeltaPlanner::new(resolver, recipe, bases, opts.level)?
+        .with_header_deltas(opts.header_deltas);
     if let (true, Some(first)) = (recipes_held, bases.first()) {
         p = p.with_recipe_base(recipe, first);
     }

@@ -38,7 +38,8 @@ pub struct Hello {
     #[serde(default)]
     pub read_only: bool,
     /// Optional message sets this side understands; "deltas" = PUT_DELTA,
-    /// DELTA_BASES and GET_DELTA (PROTOCOL.md §9.2). Absent from older peers.
+    /// DELTA_BASES and GET_DELTA (PROTOCOL.md §9.2); "header-deltas" = it
+    /// decodes header deltas in them (§9.2.8). Absent from older peers.
     #[serde(default)]
     pub features: Vec<String>,
 }
@@ -46,6 +47,10 @@ pub struct Hello {
 impl Hello {
     pub fn speaks_deltas(&self) -> bool {
         self.features.iter().any(|f| f == "deltas")
+    }
+
+    pub fn speaks_header_deltas(&self) -> bool {
+        self.speaks_deltas() && self.features.iter().any(|f| f == HEADER_DELTAS)
     }
 }
 
@@ -111,7 +116,7 @@ pub(crate) fn hello(role: &str, read_only: bool) -> Vec<u8> {
         software: format!("wharf {}", env!("CARGO_PKG_VERSION")),
         role: role.into(),
         read_only,
-        features: vec!["deltas".into()],
+        features: vec!["deltas".into(), HEADER_DELTAS.into()],
     })
     .unwrap_or_default()
 }
@@ -131,6 +136,9 @@ fn expect(r: &mut dyn Read, kind: Kind) -> Result<Vec<u8>> {
         ))),
     }
 }
+
+/// The HELLO feature of a peer that decodes header deltas.
+pub const HEADER_DELTAS: &str = "header-deltas";
 
 pub(crate) fn check_hello(payload: &[u8]) -> Result<Hello> {
     let h: Hello =
@@ -448,15 +456,20 @@ pub fn serve(
             return Err(e);
         }
     };
-    if let Err(e) = check_hello(&first) {
-        let _ = write_frame(output, Kind::Error, e.to_string().as_bytes());
-        let _ = output.flush();
-        return Err(e);
-    }
+    let client = match check_hello(&first) {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = write_frame(output, Kind::Error, e.to_string().as_bytes());
+            let _ = output.flush();
+            return Err(e);
+        }
+    };
     write_frame(output, Kind::Hello, &hello("server", read_only))?;
     output.flush().map_err(Error::Io)?;
     let mut receiver = Receiver::new(store.clone());
-    let result = serve_loop(&store, input, output, read_only, &mut receiver);
+    // Deltas this server makes for a pull are for the client to decode.
+    let pull_deltas = DeltaOptions::default().for_peer(&client);
+    let result = serve_loop(&store, input, output, read_only, &mut receiver, pull_deltas);
     // What arrived stays, even when the session broke off. Chunks are
     // verified behind the reading: a bad one may only show here, at the
     // end of the stream, and is answered like any other error.
@@ -475,6 +488,7 @@ fn serve_loop(
     output: &mut dyn Write,
     read_only: bool,
     receiver: &mut Receiver,
+    pull_deltas: DeltaOptions,
 ) -> Result<()> {
     let mut complete: Option<HashSet<ChunkId>> = None;
     // Set by DELTA_BASES for the GET_DELTA requests of a pull.
@@ -553,7 +567,7 @@ fn serve_loop(
                             images: bases.clone(),
                             recipes_held: true,
                         },
-                        DeltaOptions::default(),
+                        pull_deltas,
                     )
                     .unwrap_or(None)
                 } else {
@@ -714,9 +728,12 @@ impl<R: Read, W: Write> Client<R, W> {
         name: &str,
         deltas: DeltaOptions,
     ) -> Result<walk::Plan> {
-        let plan = send::plan(store, name, deltas, &mut |ids, layers| {
-            self.ask_has(ids, layers)
-        })?;
+        let plan = send::plan(
+            store,
+            name,
+            deltas.for_peer(&self.server),
+            &mut |ids, layers| self.ask_has(ids, layers),
+        )?;
         self.send(Kind::Bye, &[])?;
         Ok(plan)
     }
@@ -759,10 +776,7 @@ impl<R: Read, W: Write> Client<R, W> {
         deltas: DeltaOptions,
         progress: &dyn Fn(&TransferReport),
     ) -> Result<TransferReport> {
-        let deltas = DeltaOptions {
-            enabled: deltas.enabled && self.server.speaks_deltas(),
-            ..deltas
-        };
+        let deltas = deltas.for_peer(&self.server);
         let mut plan = send::prepare(store, name, as_name, None, deltas, &mut |ids, layers| {
             self.ask_has(ids, layers)
         })?;

@@ -385,6 +385,7 @@ fn receiver(d: &tempfile::TempDir, name: &str) -> Arc<Store> {
 const NO_DELTAS: DeltaOptions = DeltaOptions {
     enabled: false,
     level: wharf_format::similar::DEFAULT_LEVEL,
+    header_deltas: false,
 };
 
 type ServerThread = std::thread::JoinHandle<Result<(), wharf_transport::Error>>;
@@ -472,7 +473,11 @@ fn raw_total(d: &WireDelta) -> usize {
 /// The deltas of every PUT_DELTA frame of a bundle, each with the offset of
 /// its zstd frame inside the bundle.
 fn bundle_deltas(b: &[u8]) -> Vec<(usize, WireDelta)> {
-    assert_eq!(&b[..8], bundle::BUNDLE_MAGIC_DELTAS);
+    assert!(
+        &b[..8] == bundle::BUNDLE_MAGIC_DELTAS || &b[..8] == bundle::BUNDLE_MAGIC_HEADER_DELTAS,
+        "not a bundle with deltas: {:?}",
+        &b[..8]
+    );
     let mut out = Vec::new();
     for (off, kind, len) in frames(&b[8..]) {
         if kind != PUT_DELTA {
@@ -577,6 +582,80 @@ fn a_rebuild_costs_about_the_bytes_that_changed() {
         plain.wire_bytes_out
     );
     assert!(rep.delta_bytes < rep.delta_instead_of / 10, "{rep:?}");
+}
+
+/// Skeleton chunks of a rebuild travel as header deltas (references to the
+/// old headers with their new mtimes) when the receiver decodes them: far
+/// smaller than zstd's own delta of the same bytes, byte-identical on
+/// arrival, and never sent to a receiver that did not say it decodes them.
+#[test]
+fn header_deltas_are_smaller_and_go_only_to_receivers_that_decode_them() {
+    let img = images();
+    let d = tempfile::tempdir().unwrap();
+    let src = sender(&d);
+    let older = DeltaOptions {
+        header_deltas: false,
+        ..DeltaOptions::default()
+    };
+    let (b_old, rep_old) = write_bundle(&src, &["app:v1"], older);
+    let (b_new, rep_new) = write_bundle(&src, &["app:v1"], DeltaOptions::default());
+    assert_eq!(&b_old[..8], bundle::BUNDLE_MAGIC_DELTAS);
+    assert_eq!(&b_new[..8], bundle::BUNDLE_MAGIC_HEADER_DELTAS);
+    let is_hdr = |d: &WireDelta| d.delta.starts_with(wharf_format::hdrdelta::MAGIC);
+    assert!(
+        !bundle_deltas(&b_old).iter().any(|(_, d)| is_hdr(d)),
+        "a header delta in a bundle for a receiver that does not decode them"
+    );
+    assert_eq!(rep_old.chunks_sent, rep_new.chunks_sent);
+
+    // Each header delta against zstd's delta of the same chunk and base.
+    let resolver = BaseResolver::new(src.clone());
+    let none = SentIndex::default();
+    let (mut n, mut hdr_bytes, mut zstd_bytes, mut raw_bytes) = (0, 0, 0, 0);
+    for (_, d) in bundle_deltas(&b_new) {
+        if !is_hdr(&d) {
+            continue;
+        }
+        let base = resolver.base_bytes(&d.bases, &none).unwrap();
+        let raw = delta::decode(&base, &d.delta, raw_total(&d)).unwrap();
+        n += 1;
+        hdr_bytes += d.delta.len();
+        zstd_bytes += delta::encode_headers(&base, &raw).unwrap().len();
+        raw_bytes += raw.len();
+    }
+    eprintln!(
+        "{n} header deltas: {hdr_bytes} bytes for {raw_bytes} bytes of skeleton \
+         (zstd's delta of the same: {zstd_bytes}); bundle {} bytes, {} without header deltas",
+        b_new.len(),
+        b_old.len()
+    );
+    assert!(n > 0, "no skeleton chunk went as a header delta");
+    assert!(
+        hdr_bytes * 4 < zstd_bytes,
+        "header deltas {hdr_bytes} bytes, zstd deltas {zstd_bytes}"
+    );
+    assert!(b_new.len() < b_old.len());
+
+    for (b, name) in [(&b_old, "older"), (&b_new, "newer")] {
+        let r = receiver(&d, name);
+        bundle::read_bundle(&r, &mut &b[..]).unwrap();
+        assert_extracts(&r, "app:v2", &img.v2);
+        assert_verifies(&r);
+    }
+
+    // A peer's HELLO decides: without the feature, no header deltas.
+    let peer = |features: &[&str]| session::Hello {
+        protocol: wharf_transport::PROTOCOL_VERSION,
+        software: "wharf test".into(),
+        role: "server".into(),
+        read_only: false,
+        features: features.iter().map(|f| f.to_string()).collect(),
+    };
+    let opts = DeltaOptions::default();
+    assert!(!opts.for_peer(&peer(&["deltas"])).header_deltas);
+    assert!(!opts.for_peer(&peer(&[session::HEADER_DELTAS])).enabled);
+    let both = opts.for_peer(&peer(&["deltas", session::HEADER_DELTAS]));
+    assert!(both.enabled && both.header_deltas);
 }
 
 /// The planner pairs only what changed: a layer both images share is held
