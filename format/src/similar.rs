@@ -55,6 +55,8 @@ const POOR: usize = 4;
 /// corpus (legacy rebuild, dep-bump, base-upgrade) trying both everywhere
 /// saved 6, 34 and 56 bytes of 20, 10 and 37 KB of skeleton deltas.
 const HEADER_DELTA_GOOD: usize = 256;
+/// Most old list pieces a new piece's delta refers to.
+const MAX_PIECE_BASES: usize = 4;
 /// Bytes a delta costs on the wire beside its zstd frame (check, lengths,
 /// base references): a delta must beat the stored chunk by more.
 const DELTA_OVERHEAD: usize = 24;
@@ -366,6 +368,33 @@ enum Ctx {
     /// An object whose old counterpart is known: node, block map, list
     /// piece, recipe.
     Whole(ChunkId),
+    /// A list piece, with the old pieces that hold its entries, the one
+    /// that holds most of them last (nearest the target in the prefix).
+    Pieces(Vec<ChunkId>),
+}
+
+/// The chunks `target` (a node or a list piece) names, and whether it
+/// spells them as JSON (a node); `None` for anything else.
+fn named_chunks(id: &ChunkId, target: &[u8]) -> Option<(Vec<ChunkId>, bool)> {
+    match Node::decode(target, id) {
+        Ok(n) => {
+            let mut ids = Vec::new();
+            for k in [StreamKind::Skeleton, StreamKind::Data, StreamKind::Recon] {
+                if let Some(s) = k.of(&n) {
+                    ids.extend(s.entries.iter().map(|e| e.0));
+                }
+            }
+            Some((ids, true))
+        }
+        Err(_) => Some((
+            decode_entries(target, id)
+                .ok()?
+                .iter()
+                .map(|e| e.0)
+                .collect(),
+            false,
+        )),
+    }
 }
 
 /// The span of `sent` whose chunks `target` (a node or a list piece)
@@ -374,25 +403,7 @@ fn sent_base(id: &ChunkId, target: &[u8], sent: &SentIndex) -> Option<BaseRef> {
     if sent.entries.is_empty() {
         return None;
     }
-    let (named, json): (Vec<ChunkId>, bool) = match Node::decode(target, id) {
-        Ok(n) => {
-            let mut ids = Vec::new();
-            for k in [StreamKind::Skeleton, StreamKind::Data, StreamKind::Recon] {
-                if let Some(s) = k.of(&n) {
-                    ids.extend(s.entries.iter().map(|e| e.0));
-                }
-            }
-            (ids, true)
-        }
-        Err(_) => (
-            decode_entries(target, id)
-                .ok()?
-                .iter()
-                .map(|e| e.0)
-                .collect(),
-            false,
-        ),
-    };
+    let (named, json) = named_chunks(id, target)?;
     let pos: Vec<usize> = named
         .iter()
         .filter_map(|i| sent.pos.get(i).copied())
@@ -684,8 +695,11 @@ impl DeltaPlanner {
         Ok(())
     }
 
-    /// Each new list piece gets as base the old piece that shares most of
-    /// its entries.
+    /// Each new list piece gets as bases the old pieces that hold its
+    /// entries, at most [`MAX_PIECE_BASES`], most shared first: where
+    /// pieces were cut elsewhere than before, a new piece spans two old ones,
+    /// and with only the best of them every entry of the other was spelled
+    /// out (32 bytes each).
     fn pair_lists(&mut self, new: &StreamRef, old: &StreamRef) -> Result<()> {
         if new.level == 0 || old.level == 0 {
             return Ok(());
@@ -724,8 +738,13 @@ impl DeltaPlanner {
                     *votes.entry(*o).or_default() += 1;
                 }
             }
-            if let Some((best, _)) = votes.into_iter().max_by_key(|(id, n)| (*n, *id)) {
-                self.ctx.insert(p, Ctx::Whole(best));
+            let mut ranked: Vec<(usize, ChunkId)> =
+                votes.into_iter().map(|(o, n)| (n, o)).collect();
+            ranked.sort_unstable_by(|a, b| b.cmp(a));
+            ranked.truncate(MAX_PIECE_BASES);
+            if !ranked.is_empty() {
+                let olds = ranked.into_iter().rev().map(|(_, o)| o).collect();
+                self.ctx.insert(p, Ctx::Pieces(olds));
             }
         }
         Ok(())
@@ -735,7 +754,7 @@ impl DeltaPlanner {
     pub fn describe(&self, id: &ChunkId) -> &'static str {
         match self.ctx.get(id) {
             None => "unknown",
-            Some(Ctx::Whole(_)) => "object",
+            Some(Ctx::Whole(_) | Ctx::Pieces(_)) => "object",
             Some(Ctx::Stream { mapping, .. }) => match self.mappings[*mapping].kind {
                 StreamKind::Skeleton => "skeleton",
                 StreamKind::Data => "data",
@@ -759,6 +778,47 @@ impl DeltaPlanner {
     pub fn with_header_deltas(mut self, on: bool) -> Self {
         self.header_deltas = on;
         self
+    }
+
+    /// `objects` (ids the planner calls objects) in waves, each object in
+    /// a wave after every object of `objects` it names: sent in that order,
+    /// an object's delta can name the objects it lists with a `Sent` base.
+    pub fn object_waves(&self, objects: &[ChunkId]) -> Result<Vec<Vec<ChunkId>>> {
+        let set: HashSet<&ChunkId> = objects.iter().collect();
+        let mut needs: HashMap<ChunkId, Vec<ChunkId>> = HashMap::new();
+        for id in objects {
+            let named = named_chunks(id, &self.resolver.chunk(id)?)
+                .map(|(n, _)| n)
+                .unwrap_or_default();
+            needs.insert(
+                *id,
+                named
+                    .into_iter()
+                    .filter(|n| n != id && set.contains(n))
+                    .collect(),
+            );
+        }
+        let mut done: HashSet<ChunkId> = HashSet::new();
+        let mut left = objects.to_vec();
+        let mut waves = Vec::new();
+        while !left.is_empty() {
+            let (ready, rest): (Vec<ChunkId>, Vec<ChunkId>) = left.iter().partition(|id| {
+                needs
+                    .get(id)
+                    .is_none_or(|n| n.iter().all(|d| done.contains(d)))
+            });
+            if ready.is_empty() {
+                // Ids are hashes of what names them, so no object names
+                // itself through others; should one seem to, send the rest
+                // as they are.
+                waves.push(rest);
+                break;
+            }
+            done.extend(ready.iter().copied());
+            waves.push(ready);
+            left = rest;
+        }
+        Ok(waves)
     }
 
     /// Whether the planner knows anything about `id`.
@@ -821,7 +881,7 @@ impl DeltaPlanner {
     /// stream content: objects name other chunks, and are best sent after
     /// them with a `Sent` base.
     pub fn is_object(&self, id: &ChunkId) -> bool {
-        matches!(self.ctx.get(id), Some(Ctx::Whole(_)))
+        matches!(self.ctx.get(id), Some(Ctx::Whole(_) | Ctx::Pieces(_)))
     }
 
     /// [`DeltaPlanner::encode`] for a delta placed after the chunks in
@@ -840,6 +900,11 @@ impl DeltaPlanner {
         match ctx {
             Ctx::Whole(b) => {
                 let mut bases = vec![BaseRef::Chunk(*b)];
+                bases.extend(sent_base(id, &target, sent));
+                cands.push(bases);
+            }
+            Ctx::Pieces(olds) => {
+                let mut bases: Vec<BaseRef> = olds.iter().map(|o| BaseRef::Chunk(*o)).collect();
                 bases.extend(sent_base(id, &target, sent));
                 cands.push(bases);
             }

@@ -443,11 +443,18 @@ pub fn encode_chunks(
     }
     // Objects (nodes, list pieces) go last, so that their deltas can name
     // the chunks sent before them in the same frame instead of spelling
-    // their ids.
+    // their ids; and in waves, each after the objects it names (a node
+    // after its lists' pieces, a piece after the pieces below it), since a
+    // batch is encoded at once against what was sent before it.
     let (objects, content): (Vec<ChunkId>, Vec<ChunkId>) = ids
         .iter()
         .partition(|id| planner.is_some_and(|p| p.is_object(id)));
-    for (list, last) in [(&content, false), (&objects, true)] {
+    let waves = match planner {
+        Some(p) if !objects.is_empty() => p.object_waves(&objects)?,
+        _ => vec![objects],
+    };
+    let lists = std::iter::once((&content, false)).chain(waves.iter().map(|w| (w, true)));
+    for (list, last) in lists {
         for batch in list.chunks(ENCODE_BATCH) {
             if last && out.delta_bytes >= frame_bytes {
                 out.flush_deltas(rep, emit)?;

@@ -658,6 +658,89 @@ fn header_deltas_are_smaller_and_go_only_to_receivers_that_decode_them() {
     assert!(both.enabled && both.header_deltas);
 }
 
+/// Objects that name other objects (a node its list's pieces) are encoded
+/// in a later wave than those, so that their deltas can name them with a
+/// `Sent` base instead of spelling every id.
+#[test]
+fn objects_come_after_the_objects_they_name() {
+    // Small chunks: the rebuilt layer's data list then has more entries
+    // than a node holds, and is cut into pieces that its node names.
+    let d = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig {
+        chunking: wharf_format::chunker::ChunkParams {
+            min: 256,
+            avg: 1024,
+            max: 4096,
+        },
+        ..StoreConfig::default()
+    };
+    let s = Arc::new(Store::init(&d.path().join("small"), cfg).unwrap());
+    let img = images();
+    add(&s, "app:v1", &img.v1);
+    add(&s, "app:v2", &img.v2);
+    let v1 = s.require_ref("app:v1").unwrap().recipe;
+    let v2 = s.require_ref("app:v2").unwrap().recipe;
+    let planner = wharf_transport::send::planner(
+        &s,
+        &v2,
+        &wharf_transport::send::Bases {
+            images: vec![v1],
+            recipes_held: true,
+        },
+        DeltaOptions::default(),
+    )
+    .unwrap()
+    .expect("a planner");
+    let old: HashSet<ChunkId> = walk::image_chunks(&s, &v1, &HashSet::new())
+        .unwrap()
+        .into_iter()
+        .collect();
+    // Parents first: the order that would keep them from naming children.
+    let mut objects: Vec<ChunkId> = walk::image_chunks(&s, &v2, &HashSet::new())
+        .unwrap()
+        .into_iter()
+        .filter(|c| !old.contains(c) && planner.is_object(c))
+        .collect();
+    objects.reverse();
+    let names = |id: &ChunkId| -> Vec<ChunkId> {
+        let b = s.read_chunk(id).unwrap();
+        match wharf_format::recipe::Node::decode(&b, id) {
+            Ok(n) => [StreamKind::Skeleton, StreamKind::Data, StreamKind::Recon]
+                .iter()
+                .filter_map(|k| k.of(&n))
+                .flat_map(|r| r.entries.iter().map(|e| e.0))
+                .collect(),
+            Err(_) => wharf_format::list::decode_entries(&b, id)
+                .map(|es| es.iter().map(|e| e.0).collect())
+                .unwrap_or_default(),
+        }
+    };
+    let waves = planner.object_waves(&objects).unwrap();
+    let wave_of: std::collections::HashMap<ChunkId, usize> = waves
+        .iter()
+        .enumerate()
+        .flat_map(|(w, ids)| ids.iter().map(move |id| (*id, w)))
+        .collect();
+    assert_eq!(wave_of.len(), objects.len(), "every object in one wave");
+    assert_eq!(waves.iter().map(Vec::len).sum::<usize>(), objects.len());
+    let mut edges = 0;
+    for o in &objects {
+        for n in names(o) {
+            if let Some(w) = wave_of.get(&n) {
+                edges += 1;
+                assert!(
+                    w < &wave_of[o],
+                    "{o} is sent with or before {n}, which it names"
+                );
+            }
+        }
+    }
+    assert!(
+        edges > 0,
+        "no object names another: the test image is too small"
+    );
+}
+
 /// The planner pairs only what changed: a layer both images share is held
 /// by the receiver whole, so nothing of it is read or planned (on a
 /// multi-GB image that was most of the planner's time).
