@@ -318,8 +318,8 @@ struct DeltaArgs {
     /// Send every missing chunk whole. By default a chunk travels as a zstd delta against
     /// similar bytes the receiver already holds (the same file in the previous version of the
     /// layer, the same tar headers) whenever that is smaller; the receiver rebuilds it and
-    /// checks its hash. Deltas cost the sender CPU: on links faster than about 220-350 Mbit/s
-    /// (27-44 MB/s) a transfer without them usually finishes first (benches/RESULTS.md, break-even link).
+    /// checks its hash. Deltas cost the sender CPU: on links faster than about 230-360 Mbit/s
+    /// (28-45 MB/s) a transfer without them usually finishes first (benches/RESULTS.md, break-even link).
     #[arg(long)]
     no_deltas: bool,
     /// zstd level for deltas of file contents: higher finds smaller deltas at more CPU on the

@@ -658,6 +658,68 @@ fn header_deltas_are_smaller_and_go_only_to_receivers_that_decode_them() {
     assert!(both.enabled && both.header_deltas);
 }
 
+/// An HTTP server makes header deltas for a pull only when the get-delta
+/// request says its client decodes them: a client from before header deltas
+/// sends no query and must get zstd deltas only.
+#[test]
+fn an_http_server_sends_header_deltas_only_when_asked() {
+    let d = tempfile::tempdir().unwrap();
+    let src = sender(&d);
+    let v1 = src.require_ref("app:v1").unwrap().recipe;
+    let v2 = src.require_ref("app:v2").unwrap().recipe;
+    let old: HashSet<ChunkId> = walk::image_chunks(&src, &v1, &HashSet::new())
+        .unwrap()
+        .into_iter()
+        .collect();
+    let want: Vec<ChunkId> = walk::image_chunks(&src, &v2, &HashSet::new())
+        .unwrap()
+        .into_iter()
+        .filter(|c| !old.contains(c))
+        .collect();
+    // k = 1 base, the target, the base, then the wanted ids
+    // (PROTOCOL-HTTP.md, POST /v1/get-delta).
+    let mut body = 1u32.to_le_bytes().to_vec();
+    for id in [v2, v1].iter().chain(&want) {
+        body.extend_from_slice(&id.0);
+    }
+    let addr = http::spawn(src.clone(), "127.0.0.1:0", Tokens::default()).unwrap();
+    let header_deltas_in = |query: &str| -> usize {
+        let mut res = ureq::post(&format!("http://{addr}/v1/get-delta{query}"))
+            .header(
+                http::VERSION_HEADER,
+                &wharf_transport::PROTOCOL_VERSION.to_string(),
+            )
+            .send(&body[..])
+            .unwrap();
+        let reply = res
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_vec()
+            .unwrap();
+        let mut n = 0;
+        for (off, kind, len) in frames(&reply) {
+            if kind == PUT_DELTA {
+                n += delta::decode_frame(&reply[off..off + len])
+                    .unwrap()
+                    .iter()
+                    .filter(|d| d.delta.starts_with(wharf_format::hdrdelta::MAGIC))
+                    .count();
+            }
+        }
+        n
+    };
+    assert_eq!(
+        header_deltas_in(""),
+        0,
+        "header deltas for a client that did not ask"
+    );
+    assert!(
+        header_deltas_in("?header-deltas=1") > 0,
+        "no header delta when asked"
+    );
+}
+
 /// Objects that name other objects (a node its list's pieces) are encoded
 /// in a later wave than those, so that their deltas can name them with a
 /// `Sent` base instead of spelling every id.
