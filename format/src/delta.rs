@@ -281,7 +281,7 @@ pub(crate) fn decode_at_most(base: &[u8], delta: &[u8], cap: usize) -> Result<Ve
     Ok(out)
 }
 
-fn get_varint(b: &[u8], pos: &mut usize) -> Result<u64> {
+pub(crate) fn get_varint(b: &[u8], pos: &mut usize) -> Result<u64> {
     let mut v: u64 = 0;
     for shift in (0..64).step_by(7) {
         let x = *b
@@ -296,7 +296,7 @@ fn get_varint(b: &[u8], pos: &mut usize) -> Result<u64> {
     Err(Error::Corrupt("delta frame: number too long".into()))
 }
 
-fn take<'a>(b: &'a [u8], pos: &mut usize, n: usize) -> Result<&'a [u8]> {
+pub(crate) fn take<'a>(b: &'a [u8], pos: &mut usize, n: usize) -> Result<&'a [u8]> {
     let end = pos
         .checked_add(n)
         .filter(|&e| e <= b.len())

@@ -41,9 +41,10 @@
 //! ([`find_headers`]): blocks with the ustar magic and a valid checksum, in
 //! order, not overlapping.
 
+use crate::delta::{get_varint as varint, take};
 use crate::error::{Error, Result};
 use crate::skeleton::put_varint;
-use crate::tarhdr::checksum_ok;
+use crate::tarhdr::{checksum_ok, checksum_sums};
 use std::collections::HashMap;
 
 /// First bytes of a header delta. No zstd frame starts with them (zstd's
@@ -136,12 +137,7 @@ fn octal_like<const N: usize>(style: &[u8], v: u64) -> Option<[u8; N]> {
 /// The checksum field of `header` (whose own checksum field is ignored),
 /// written as `style` writes its number.
 fn checksum_like(style: &[u8], header: &[u8]) -> Option<[u8; 8]> {
-    let sum: u64 = header
-        .iter()
-        .enumerate()
-        .map(|(i, &b)| if CHKSUM.contains(&i) { b' ' } else { b } as u64)
-        .sum();
-    octal_like(style, sum)
+    octal_like(style, checksum_sums(header).0)
 }
 
 /// How the previous reference's mtime changed, for predicting the next:
@@ -277,29 +273,6 @@ pub fn encode(base: &[u8], target: &[u8]) -> Result<Option<Vec<u8>>> {
 
 fn corrupt(what: &str) -> Error {
     Error::Corrupt(format!("header delta: {what}"))
-}
-
-fn varint(b: &[u8], pos: &mut usize) -> Result<u64> {
-    let mut v: u64 = 0;
-    for shift in (0..64).step_by(7) {
-        let x = *b.get(*pos).ok_or_else(|| corrupt("ends inside a number"))?;
-        *pos += 1;
-        v |= ((x & 0x7f) as u64) << shift;
-        if x & 0x80 == 0 {
-            return Ok(v);
-        }
-    }
-    Err(corrupt("number too long"))
-}
-
-fn take<'a>(b: &'a [u8], pos: &mut usize, n: usize) -> Result<&'a [u8]> {
-    let end = pos
-        .checked_add(n)
-        .filter(|&e| e <= b.len())
-        .ok_or_else(|| corrupt("truncated"))?;
-    let s = &b[*pos..end];
-    *pos = end;
-    Ok(s)
 }
 
 /// Rebuilds the `raw_len` bytes a header delta (`body`: what follows
@@ -519,11 +492,7 @@ mod tests {
         let mut target = tar(20, 1_700_000_500, 1);
         // Rewrite the first header's checksum as 7 digits and a NUL
         // (valid, but not the style of its old version).
-        let sum: u64 = target[..BLOCK]
-            .iter()
-            .enumerate()
-            .map(|(i, &b)| if CHKSUM.contains(&i) { b' ' } else { b } as u64)
-            .sum();
+        let sum = checksum_sums(&target[..BLOCK]).0;
         target[CHKSUM].copy_from_slice(format!("{sum:07o}\0").as_bytes());
         assert!(checksum_ok(&target[..BLOCK]));
         let d = encode(&base, &target)

@@ -72,6 +72,13 @@ pub fn checksum_ok(block: &[u8]) -> bool {
     let Some(want) = parse_octal(&block[148..156]) else {
         return false;
     };
+    let (unsigned, signed) = checksum_sums(block);
+    want == unsigned || want as i64 == signed
+}
+
+/// The header checksum of `block`, as unsigned and as signed bytes: the sum
+/// of its bytes with the checksum field (148..156) counted as spaces.
+pub fn checksum_sums(block: &[u8]) -> (u64, i64) {
     let mut unsigned: u64 = 0;
     let mut signed: i64 = 0;
     for (i, &b) in block.iter().enumerate() {
@@ -79,7 +86,7 @@ pub fn checksum_ok(block: &[u8]) -> bool {
         unsigned += b as u64;
         signed += (b as i8) as i64;
     }
-    want == unsigned || want as i64 == signed
+    (unsigned, signed)
 }
 
 pub fn is_zero_block(block: &[u8]) -> bool {

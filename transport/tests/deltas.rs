@@ -423,6 +423,19 @@ fn push_http(src: &Arc<Store>, dst: &Arc<Store>, opts: DeltaOptions) -> Transfer
     c.push(src, "app:v2", "app:v2", opts, &|_| {}).unwrap()
 }
 
+/// The chunks of image `new` that image `old` does not have, in closure order.
+fn new_chunks(s: &Store, old: &ChunkId, new: &ChunkId) -> Vec<ChunkId> {
+    let old: HashSet<ChunkId> = walk::image_chunks(s, old, &HashSet::new())
+        .unwrap()
+        .into_iter()
+        .collect();
+    walk::image_chunks(s, new, &HashSet::new())
+        .unwrap()
+        .into_iter()
+        .filter(|c| !old.contains(c))
+        .collect()
+}
+
 fn write_bundle(src: &Arc<Store>, have: &[&str], opts: DeltaOptions) -> (Vec<u8>, TransferReport) {
     let have: Vec<String> = have.iter().map(|s| s.to_string()).collect();
     let mut out = Vec::new();
@@ -667,15 +680,7 @@ fn an_http_server_sends_header_deltas_only_when_asked() {
     let src = sender(&d);
     let v1 = src.require_ref("app:v1").unwrap().recipe;
     let v2 = src.require_ref("app:v2").unwrap().recipe;
-    let old: HashSet<ChunkId> = walk::image_chunks(&src, &v1, &HashSet::new())
-        .unwrap()
-        .into_iter()
-        .collect();
-    let want: Vec<ChunkId> = walk::image_chunks(&src, &v2, &HashSet::new())
-        .unwrap()
-        .into_iter()
-        .filter(|c| !old.contains(c))
-        .collect();
+    let want = new_chunks(&src, &v1, &v2);
     // k = 1 base, the target, the base, then the wanted ids
     // (PROTOCOL-HTTP.md, POST /v1/get-delta).
     let mut body = 1u32.to_le_bytes().to_vec();
@@ -753,15 +758,10 @@ fn objects_come_after_the_objects_they_name() {
     )
     .unwrap()
     .expect("a planner");
-    let old: HashSet<ChunkId> = walk::image_chunks(&s, &v1, &HashSet::new())
-        .unwrap()
-        .into_iter()
-        .collect();
     // Parents first: the order that would keep them from naming children.
-    let mut objects: Vec<ChunkId> = walk::image_chunks(&s, &v2, &HashSet::new())
-        .unwrap()
+    let mut objects: Vec<ChunkId> = new_chunks(&s, &v1, &v2)
         .into_iter()
-        .filter(|c| !old.contains(c) && planner.is_object(c))
+        .filter(|c| planner.is_object(c))
         .collect();
     objects.reverse();
     let names = |id: &ChunkId| -> Vec<ChunkId> {
