@@ -365,12 +365,11 @@ impl Mapping {
 enum Ctx {
     /// A data chunk at `off` of a mapped stream.
     Stream { mapping: usize, off: u64 },
-    /// An object whose old counterpart is known: node, block map, list
-    /// piece, recipe.
-    Whole(ChunkId),
-    /// A list piece, with the old pieces that hold its entries, the one
-    /// that holds most of them last (nearest the target in the prefix).
-    Pieces(Vec<ChunkId>),
+    /// An object whose old counterparts are known: node, block map,
+    /// recipe (one each), list piece (the old pieces that hold its entries,
+    /// the one that holds most of them last, nearest the target in the
+    /// prefix).
+    Whole(Vec<ChunkId>),
 }
 
 /// The chunks `target` (a node or a list piece) names, and whether it
@@ -498,9 +497,9 @@ impl DeltaPlanner {
         let n = self.node(new)?;
         let o = self.node(old)?;
         self.stats.nodes_paired += 1;
-        self.ctx.entry(*new).or_insert(Ctx::Whole(*old));
+        self.ctx.entry(*new).or_insert(Ctx::Whole(vec![*old]));
         if let (Some(nb), Some(ob)) = (n.blocks, o.blocks) {
-            self.ctx.entry(nb).or_insert(Ctx::Whole(ob));
+            self.ctx.entry(nb).or_insert(Ctx::Whole(vec![ob]));
         }
         match (&n.body, &o.body) {
             (NodeBody::Gzip { plain: np, .. }, NodeBody::Gzip { plain: op, .. }) => {
@@ -744,7 +743,7 @@ impl DeltaPlanner {
             ranked.truncate(MAX_PIECE_BASES);
             if !ranked.is_empty() {
                 let olds = ranked.into_iter().rev().map(|(_, o)| o).collect();
-                self.ctx.insert(p, Ctx::Pieces(olds));
+                self.ctx.insert(p, Ctx::Whole(olds));
             }
         }
         Ok(())
@@ -754,7 +753,7 @@ impl DeltaPlanner {
     pub fn describe(&self, id: &ChunkId) -> &'static str {
         match self.ctx.get(id) {
             None => "unknown",
-            Some(Ctx::Whole(_) | Ctx::Pieces(_)) => "object",
+            Some(Ctx::Whole(_)) => "object",
             Some(Ctx::Stream { mapping, .. }) => match self.mappings[*mapping].kind {
                 StreamKind::Skeleton => "skeleton",
                 StreamKind::Data => "data",
@@ -769,7 +768,7 @@ impl DeltaPlanner {
     /// the time of their add, so the same image may have another recipe
     /// there).
     pub fn with_recipe_base(mut self, target: &ChunkId, base: &ChunkId) -> Self {
-        self.ctx.insert(*target, Ctx::Whole(*base));
+        self.ctx.insert(*target, Ctx::Whole(vec![*base]));
         self
     }
 
@@ -881,7 +880,7 @@ impl DeltaPlanner {
     /// stream content: objects name other chunks, and are best sent after
     /// them with a `Sent` base.
     pub fn is_object(&self, id: &ChunkId) -> bool {
-        matches!(self.ctx.get(id), Some(Ctx::Whole(_) | Ctx::Pieces(_)))
+        matches!(self.ctx.get(id), Some(Ctx::Whole(_)))
     }
 
     /// [`DeltaPlanner::encode`] for a delta placed after the chunks in
@@ -898,12 +897,7 @@ impl DeltaPlanner {
         let target = self.resolver.chunk(id)?;
         let mut cands: Vec<Vec<BaseRef>> = Vec::new();
         match ctx {
-            Ctx::Whole(b) => {
-                let mut bases = vec![BaseRef::Chunk(*b)];
-                bases.extend(sent_base(id, &target, sent));
-                cands.push(bases);
-            }
-            Ctx::Pieces(olds) => {
+            Ctx::Whole(olds) => {
                 let mut bases: Vec<BaseRef> = olds.iter().map(|o| BaseRef::Chunk(*o)).collect();
                 bases.extend(sent_base(id, &target, sent));
                 cands.push(bases);
