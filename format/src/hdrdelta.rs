@@ -394,17 +394,24 @@ mod tests {
         t.into_inner()
     }
 
+    /// `target` as a header delta against `base`, checked to decode back to
+    /// exactly `target`.
+    fn round_trip(base: &[u8], target: &[u8]) -> Vec<u8> {
+        let d = encode(base, target)
+            .expect("encode")
+            .expect("headers match");
+        assert!(d.starts_with(MAGIC));
+        let back = crate::delta::decode(base, &d, target.len()).expect("decode");
+        assert!(back == target, "rebuilt bytes differ");
+        d
+    }
+
     #[test]
     fn new_mtimes_cost_almost_nothing_per_header() {
         let base = tar(200, 1_700_000_000, 10);
         let target = tar(200, 1_700_086_400, 10);
         assert_eq!(base.len(), target.len());
-        let d = encode(&base, &target)
-            .expect("encode")
-            .expect("headers match");
-        assert!(d.starts_with(MAGIC));
-        let back = crate::delta::decode(&base, &d, target.len()).expect("decode");
-        assert!(back == target, "rebuilt bytes differ");
+        let d = round_trip(&base, &target);
         // 200 headers changed; zstd's own delta of the same bytes is the bar.
         let plain = crate::delta::encode_headers(&base, &target).expect("zstd");
         assert!(
@@ -430,11 +437,7 @@ mod tests {
             w.into_inner()
         };
         let (base, target) = (build(1_650_000_000), build(1_650_003_600));
-        let d = encode(&base, &target)
-            .expect("encode")
-            .expect("headers match");
-        let back = crate::delta::decode(&base, &d, target.len()).expect("decode");
-        assert!(back == target, "rebuilt bytes differ");
+        let d = round_trip(&base, &target);
         // 300 headers, each with a new mtime and checksum.
         assert!(d.len() < 150, "{} bytes for 300 shifted headers", d.len());
     }
@@ -456,11 +459,7 @@ mod tests {
         }
         t.finish().expect("tar");
         let target = t.into_inner();
-        let d = encode(&base, &target)
-            .expect("encode")
-            .expect("some headers match");
-        let back = crate::delta::decode(&base, &d, target.len()).expect("decode");
-        assert!(back == target, "rebuilt bytes differ");
+        round_trip(&base, &target);
     }
 
     #[test]
@@ -495,11 +494,7 @@ mod tests {
         let sum = checksum_sums(&target[..BLOCK]).0;
         target[CHKSUM].copy_from_slice(format!("{sum:07o}\0").as_bytes());
         assert!(checksum_ok(&target[..BLOCK]));
-        let d = encode(&base, &target)
-            .expect("encode")
-            .expect("headers match");
-        let back = crate::delta::decode(&base, &d, target.len()).expect("decode");
-        assert!(back == target, "rebuilt bytes differ");
+        round_trip(&base, &target);
     }
 
     #[test]
