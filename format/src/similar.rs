@@ -28,6 +28,7 @@ use crate::list::{decode_entries, StreamRef};
 use crate::recipe::{Node, NodeBody};
 use crate::skeleton::{Record, SkeletonReader};
 use crate::tarhdr::{parse_header, parse_pax, EntryKind, BLOCK};
+use rayon::prelude::*;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -519,6 +520,7 @@ impl DeltaPlanner {
                 self.map_stream(new, old, StreamKind::Data, Vec::new())?;
             }
             (NodeBody::Tar { children: nc, .. }, NodeBody::Tar { children: oc, .. }) => {
+                self.index_tars(&[*new, *old])?;
                 let ni = self.tar_index(new, &n)?;
                 let oi = self.tar_index(old, &o)?;
                 self.map_tar(new, old, &ni, &oi)?;
@@ -553,8 +555,26 @@ impl DeltaPlanner {
                 by_path.insert(*p, *c);
             }
         }
-        // File paths of each candidate, learnt lazily and only when a new
-        // child's member path finds no match.
+        // File paths of each candidate, learnt only when a new child's
+        // member path finds no match (a rebuilt layer's does not: its
+        // directory is named by its new digest), all at once.
+        let unmatched: Vec<ChunkId> = nc
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| {
+                !self.ctx.contains_key(*c)
+                    && !held.contains(*c)
+                    && ni
+                        .children
+                        .get(&(*i as u64))
+                        .and_then(|p| by_path.get(p))
+                        .is_none()
+            })
+            .map(|(_, c)| *c)
+            .collect();
+        if !unmatched.is_empty() {
+            self.index_tars(&[unmatched, cands.clone()].concat())?;
+        }
         let mut sets: Vec<Option<HashSet<u64>>> = vec![None; cands.len()];
         for (i, c) in nc.iter().enumerate() {
             if self.ctx.contains_key(c) || held.contains(c) {
@@ -596,6 +616,36 @@ impl DeltaPlanner {
         let t = Arc::new(index_tar(&self.resolver, id, node)?);
         self.tars.insert(*id, t.clone());
         Ok(t)
+    }
+
+    /// Reads the indexes of the tars `ids` name (through gzip) that are
+    /// not cached yet, side by side: each reads and parses a whole skeleton
+    /// stream, which on multi-GB layers is most of the planner's time.
+    fn index_tars(&mut self, ids: &[ChunkId]) -> Result<()> {
+        let mut todo: Vec<(ChunkId, Node)> = Vec::new();
+        for id in ids {
+            let mut id = *id;
+            for _ in 0..4 {
+                let n = self.node(&id)?;
+                match &n.body {
+                    NodeBody::Gzip { plain, .. } => id = *plain,
+                    NodeBody::Tar { .. } => {
+                        if !self.tars.contains_key(&id) && todo.iter().all(|t| t.0 != id) {
+                            todo.push((id, n));
+                        }
+                        break;
+                    }
+                    NodeBody::Raw { .. } => break,
+                }
+            }
+        }
+        let r = &self.resolver;
+        let done: Vec<Result<TarIndex>> =
+            todo.par_iter().map(|(id, n)| index_tar(r, id, n)).collect();
+        for ((id, _), ix) in todo.into_iter().zip(done) {
+            self.tars.insert(id, Arc::new(ix?));
+        }
+        Ok(())
     }
 
     /// File paths inside a node (through gzip), for pairing layers.
@@ -704,16 +754,23 @@ impl DeltaPlanner {
             return Ok(());
         }
         let store = self.resolver.store().clone();
-        let pieces = |s: &StreamRef| -> Result<Vec<(ChunkId, Vec<ChunkId>)>> {
+        let entries = |p: &ChunkId| -> Result<Vec<ChunkId>> {
+            Ok(decode_entries(&store.read_chunk(p)?, p)?
+                .iter()
+                .map(|e| e.0)
+                .collect())
+        };
+        // Pieces level by level from the top; `skip` prunes a piece (and so
+        // its subtree) before it is read.
+        let pieces = |s: &StreamRef,
+                      skip: &dyn Fn(&ChunkId) -> bool|
+         -> Result<Vec<(ChunkId, Vec<ChunkId>)>> {
             let mut out = Vec::new();
             let mut level: Vec<ChunkId> = s.entries.iter().map(|e| e.0).collect();
             for _ in 0..s.level {
                 let mut next = Vec::new();
-                for p in level {
-                    let ents: Vec<ChunkId> = decode_entries(&store.read_chunk(&p)?, &p)?
-                        .iter()
-                        .map(|e| e.0)
-                        .collect();
+                for p in level.into_iter().filter(|p| !skip(p)) {
+                    let ents = entries(&p)?;
                     next.extend(ents.iter().copied());
                     out.push((p, ents));
                 }
@@ -721,16 +778,23 @@ impl DeltaPlanner {
             }
             Ok(out)
         };
+        let old_pieces = pieces(old, &|_| false)?;
+        // A new piece the old stream also has is held by the receiver, and
+        // so is everything under it: on a rebuild of a multi-GB layer only
+        // the few pieces over changed chunks are read and voted on.
+        let held: HashSet<ChunkId> = old_pieces.iter().map(|p| p.0).collect();
+        let changed = pieces(new, &|p| held.contains(p) || self.ctx.contains_key(p))?;
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let wanted: HashSet<ChunkId> = changed.iter().flat_map(|c| c.1.iter().copied()).collect();
         let mut owner: HashMap<ChunkId, ChunkId> = HashMap::new();
-        for (p, ents) in pieces(old)? {
-            for e in ents {
-                owner.entry(e).or_insert(p);
+        for (p, ents) in &old_pieces {
+            for e in ents.iter().filter(|e| wanted.contains(e)) {
+                owner.entry(*e).or_insert(*p);
             }
         }
-        for (p, ents) in pieces(new)? {
-            if self.ctx.contains_key(&p) {
-                continue;
-            }
+        for (p, ents) in changed {
             let mut votes: HashMap<ChunkId, usize> = HashMap::new();
             for e in &ents {
                 if let Some(o) = owner.get(e) {

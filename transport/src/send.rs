@@ -140,13 +140,28 @@ pub struct Negotiated {
     pub layers_skipped: u64,
 }
 
-pub fn negotiate(
+/// What [`walk_image`] learns before the planner is needed: the chunks of
+/// the image outside the layers the receiver holds.
+pub struct Walked {
+    /// Every chunk of the images `bases`.
+    known: walk::IdSet,
+    /// The image's chunks outside held layers, in tree order.
+    ids: Vec<ChunkId>,
+    /// Of those, the ones outside every layer (only walked for deltas).
+    outside: HashSet<ChunkId>,
+    layers_skipped: u64,
+}
+
+/// The first half of negotiating: walks the bases and the image and asks
+/// the receiver which layers it holds whole. Needs no planner, so
+/// [`prepare`] runs it while the planner is built.
+pub fn walk_image(
     store: &Store,
     recipe: &ChunkId,
     bases: &[ChunkId],
-    planner: Option<&DeltaPlanner>,
+    deltas: bool,
     has: &mut HasOracle<'_>,
-) -> Result<Negotiated> {
+) -> Result<Walked> {
     let known = walk::closure_of(store, bases)?;
     let rec = load_recipe(store, recipe)?;
     let layer_ids: Vec<ChunkId> = rec.layers.iter().map(|l| l.node).collect();
@@ -161,18 +176,39 @@ pub fn negotiate(
         .map(|(i, _)| *i)
         .collect();
     let ids = walk::image_chunks(store, recipe, &skip)?;
+    let all_layers: HashSet<ChunkId> = layer_ids.iter().copied().collect();
+    let outside: HashSet<ChunkId> = match deltas {
+        true => walk::image_chunks(store, recipe, &all_layers)?
+            .into_iter()
+            .collect(),
+        false => HashSet::new(),
+    };
+    Ok(Walked {
+        known,
+        ids,
+        outside,
+        layers_skipped: skip.len() as u64,
+    })
+}
+
+/// The second half of negotiating: sorts the walked chunks into those
+/// the receiver is asked about and those assumed missing, and asks.
+pub fn sort_missing(
+    walked: Walked,
+    planner: Option<&DeltaPlanner>,
+    has: &mut HasOracle<'_>,
+) -> Result<Negotiated> {
+    let Walked {
+        known,
+        ids,
+        outside,
+        layers_skipped,
+    } = walked;
     // Chunks of layers paired with a base layer that are not in any base
     // are new content: the receiver is most unlikely to hold them, and
     // asking would cost 32 bytes each where their deltas cost little more.
     // Outside the layers (the outer tar's own objects) everything is
     // asked: a receiver holding this very image under another name has them.
-    let all_layers: HashSet<ChunkId> = layer_ids.iter().copied().collect();
-    let outside: HashSet<ChunkId> = match planner {
-        Some(_) => walk::image_chunks(store, recipe, &all_layers)?
-            .into_iter()
-            .collect(),
-        None => HashSet::new(),
-    };
     let (assume, ask): (Vec<ChunkId>, Vec<ChunkId>) = ids
         .iter()
         .filter(|i| !known.contains(i))
@@ -209,7 +245,7 @@ pub fn negotiate(
     Ok(Negotiated {
         missing,
         total: ids.len() as u64,
-        layers_skipped: skip.len() as u64,
+        layers_skipped,
     })
 }
 
@@ -253,12 +289,25 @@ pub fn prepare(
             recipes_held: true,
         },
     };
-    let planner = planner(store, &r.recipe, &bases, deltas)?;
+    // The planner reads the base layers' skeletons and lists; the walk
+    // reads the base trees and asks the receiver about layers. Neither
+    // needs the other until chunks are sorted into asked and assumed, so
+    // on a multi-GB image they run side by side.
     let t = std::time::Instant::now();
-    let negotiated = negotiate(store, &r.recipe, &bases.images, planner.as_ref(), has)?;
+    let with_deltas = deltas.enabled && !bases.images.is_empty();
+    let (planner, walked) = std::thread::scope(|s| {
+        let planning = s.spawn(|| planner(store, &r.recipe, &bases, deltas));
+        let walked = walk_image(store, &r.recipe, &bases.images, with_deltas, has);
+        let planner = planning
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (planner, walked)
+    });
+    let planner = planner?;
+    let negotiated = sort_missing(walked?, planner.as_ref(), has)?;
     if std::env::var_os("WHARF_DEBUG_DELTAS").is_some() {
         eprintln!(
-            "delta-debug negotiated in {:.3} s",
+            "delta-debug planned and negotiated in {:.3} s",
             t.elapsed().as_secs_f64()
         );
     }

@@ -2,6 +2,7 @@
 
 use crate::send::{encode_units, Unit};
 use crate::Result;
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::collections::HashSet;
 use wharf_format::delta::SentIndex;
@@ -223,28 +224,45 @@ fn missing_in_stream(
     // read, and repeats are only looked up again (callers deduplicate what
     // is missing); a hash set of every leaf of a multi-GB layer would cost
     // tens of MB.
+    // Pieces are read and leaves looked up on every core: on a multi-GB
+    // layer this check is the last thing a receiver does before it
+    // publishes, while the sender waits.
     let mut level: Vec<ChunkId> = s.entries.iter().map(|e| e.0).collect();
     for depth in (0..=s.level).rev() {
         if depth == 0 {
             if leaves {
-                out.extend(level.iter().filter(|id| !store.contains(id)).copied());
+                let absent: Vec<ChunkId> = level
+                    .par_iter()
+                    .filter(|id| !store.contains(id))
+                    .copied()
+                    .collect();
+                out.extend(absent);
             }
             break;
         }
         let mut seen = HashSet::new();
         level.retain(|id| seen.insert(*id));
+        let below: Vec<Result<Option<Vec<ChunkId>>>> = level
+            .par_iter()
+            .map(|p| {
+                if !store.contains(p) {
+                    return Ok(None);
+                }
+                let bytes = store.read_chunk(p)?;
+                Ok(Some(
+                    wharf_format::list::decode_entries(&bytes, p)?
+                        .iter()
+                        .map(|e| e.0)
+                        .collect(),
+                ))
+            })
+            .collect();
         let mut next = Vec::new();
-        for p in &level {
-            if !store.contains(p) {
-                out.push(*p);
-                continue;
+        for (p, b) in level.iter().zip(below) {
+            match b? {
+                Some(ids) => next.extend(ids),
+                None => out.push(*p),
             }
-            let bytes = store.read_chunk(p)?;
-            next.extend(
-                wharf_format::list::decode_entries(&bytes, p)?
-                    .iter()
-                    .map(|e| e.0),
-            );
         }
         level = next;
     }
