@@ -18,7 +18,7 @@
 
 use crate::error::{Error, Result};
 use crate::hash::ChunkId;
-use crate::list::{Entry, ListReader, StreamRef};
+use crate::list::{decode_entries, Entry, ListReader, StreamRef, ENTRY_LEN};
 use crate::recipe::{Node, NodeBody};
 use crate::skeleton::put_varint;
 use crate::store::{Store, MAX_CHUNK_LEN};
@@ -479,11 +479,23 @@ pub fn decode_frame(b: &[u8]) -> Result<Vec<WireDelta>> {
     Ok(out)
 }
 
-/// Where each data chunk of a stream starts, for reading byte ranges.
+/// Where each leaf list piece of a base stream starts, for reading byte
+/// ranges. The chunks are found through their pieces, read again when a
+/// range needs them (through a small cache), so an index costs about 1/256
+/// of a flat list of every chunk: tens of KB for a 40 GB layer, not ~100 MB.
 struct StreamIndex {
+    /// Start of each leaf piece, in stream order.
     starts: Vec<u64>,
-    entries: Vec<Entry>,
+    leaves: Vec<Leaves>,
     len: u64,
+}
+
+/// The chunks under one entry of a [`StreamIndex`].
+enum Leaves {
+    /// A list piece whose entries are chunks.
+    Piece(ChunkId),
+    /// A stream of level 0: its chunks are listed in the node itself.
+    Inline(Arc<Vec<Entry>>),
 }
 
 /// Bytes of decompressed chunks kept for reuse: neighbouring targets share
@@ -495,8 +507,11 @@ const CHUNK_CACHE_BYTES: usize = 32 << 20;
 /// core busy; at 64 MiB the receiver of a 5.6 GB image's deltas peaked at
 /// over 200 MB.
 pub const WINDOW_BYTES: u64 = 16 << 20;
-/// Stream indexes kept; each is 40 bytes per chunk of its stream.
+/// Stream indexes kept; each is about 40 bytes per leaf piece of its stream.
 const STREAM_CACHE: usize = 256;
+/// Bytes of decoded leaf pieces kept for reuse (a piece is 36 bytes per
+/// chunk: about 9 KB on average, at most 72 KB).
+const PIECE_CACHE_BYTES: usize = 8 << 20;
 
 #[derive(Default)]
 struct ChunkCache {
@@ -511,6 +526,14 @@ pub struct BaseResolver {
     store: Arc<Store>,
     streams: Mutex<HashMap<(ChunkId, StreamKind), Arc<StreamIndex>>>,
     chunks: Mutex<ChunkCache>,
+    pieces: Mutex<PieceCache>,
+}
+
+#[derive(Default)]
+struct PieceCache {
+    map: HashMap<ChunkId, Arc<Vec<Entry>>>,
+    order: VecDeque<ChunkId>,
+    bytes: usize,
 }
 
 impl BaseResolver {
@@ -519,6 +542,7 @@ impl BaseResolver {
             store,
             streams: Mutex::new(HashMap::new()),
             chunks: Mutex::new(ChunkCache::default()),
+            pieces: Mutex::new(PieceCache::default()),
         }
     }
 
@@ -567,50 +591,130 @@ impl BaseResolver {
         Ok(idx)
     }
 
-    fn read_stream(&self, node: &ChunkId, kind: StreamKind) -> Result<StreamIndex> {
+    fn stream_ref(&self, node: &ChunkId, kind: StreamKind) -> Result<StreamRef> {
         let n = Node::decode(&self.chunk(node)?, node)?;
-        let s = kind.of(&n).ok_or_else(|| {
+        kind.of(&n).cloned().ok_or_else(|| {
             Error::Corrupt(format!("delta base: node {node} has no {kind:?} stream"))
-        })?;
-        let mut starts = Vec::new();
-        let mut entries = Vec::new();
+        })
+    }
+
+    fn read_stream(&self, node: &ChunkId, kind: StreamKind) -> Result<StreamIndex> {
+        use rayon::prelude::*;
+        let s = self.stream_ref(node, kind)?;
+        if s.level == 0 {
+            let len = s.entries.iter().map(|e| e.1 as u64).sum();
+            return Ok(StreamIndex {
+                starts: vec![0],
+                leaves: vec![Leaves::Inline(Arc::new(s.entries))],
+                len,
+            });
+        }
+        let mut level: Vec<ChunkId> = s.entries.iter().map(|e| e.0).collect();
+        for _ in 1..s.level {
+            let mut next = Vec::new();
+            for p in &level {
+                next.extend(
+                    decode_entries(&self.store.read_chunk(p)?, p)?
+                        .iter()
+                        .map(|e| e.0),
+                );
+            }
+            level = next;
+        }
+        let lens: Vec<Result<u64>> = level
+            .par_iter()
+            .map(|p| {
+                let entries = decode_entries(&self.store.read_chunk(p)?, p)?;
+                Ok(entries.iter().map(|e| e.1 as u64).sum())
+            })
+            .collect();
+        let mut starts = Vec::with_capacity(level.len());
         let mut off = 0u64;
-        ListReader::new(s, |c| self.store.read_chunk(c)).walk(
-            |_| {},
-            |e| {
-                starts.push(off);
-                entries.push(*e);
-                off += e.1 as u64;
-            },
-        )?;
+        for l in lens {
+            starts.push(off);
+            off += l?;
+        }
         Ok(StreamIndex {
             starts,
-            entries,
+            leaves: level.into_iter().map(Leaves::Piece).collect(),
             len: off,
         })
+    }
+
+    /// A leaf piece's entries, through the cache.
+    fn piece(&self, id: &ChunkId) -> Result<Arc<Vec<Entry>>> {
+        if let Ok(c) = self.pieces.lock() {
+            if let Some(e) = c.map.get(id) {
+                return Ok(e.clone());
+            }
+        }
+        let e = Arc::new(decode_entries(&self.store.read_chunk(id)?, id)?);
+        if let Ok(mut c) = self.pieces.lock() {
+            if c.map.insert(*id, e.clone()).is_none() {
+                c.order.push_back(*id);
+                c.bytes += e.len() * ENTRY_LEN;
+            }
+            while c.bytes > PIECE_CACHE_BYTES {
+                let Some(old) = c.order.pop_front() else {
+                    break;
+                };
+                if let Some(x) = c.map.remove(&old) {
+                    c.bytes -= x.len() * ENTRY_LEN;
+                }
+            }
+        }
+        Ok(e)
+    }
+
+    /// Calls `f` with the start and entry of each chunk of stream `s` that
+    /// overlaps `off..end`, in order, until it returns false.
+    fn chunks_in(
+        &self,
+        s: &StreamIndex,
+        off: u64,
+        end: u64,
+        f: &mut dyn FnMut(u64, &Entry) -> Result<bool>,
+    ) -> Result<()> {
+        let mut i = s.starts.partition_point(|&x| x <= off).saturating_sub(1);
+        while i < s.leaves.len() && s.starts[i] < end {
+            let entries = match &s.leaves[i] {
+                Leaves::Piece(p) => self.piece(p)?,
+                Leaves::Inline(e) => e.clone(),
+            };
+            let mut cs = s.starts[i];
+            for e in entries.iter() {
+                if cs >= end {
+                    return Ok(());
+                }
+                let ce = cs + e.1 as u64;
+                if ce > off && !f(cs, e)? {
+                    return Ok(());
+                }
+                cs = ce;
+            }
+            i += 1;
+        }
+        Ok(())
     }
 
     pub fn stream_len(&self, node: &ChunkId, kind: StreamKind) -> Result<u64> {
         Ok(self.stream(node, kind)?.len)
     }
 
-    /// The data chunks of a stream with their offsets.
     /// The chunks of a stream with their offsets, read afresh and not
-    /// cached: for the stream being sent, which is walked once, where the
-    /// cache is for bases, read again and again.
+    /// cached: for a skeleton being indexed, which is walked once.
     pub fn stream_chunks(&self, node: &ChunkId, kind: StreamKind) -> Result<Vec<(u64, Entry)>> {
-        let s = self.read_stream(node, kind)?;
-        Ok(s.starts.into_iter().zip(s.entries).collect())
-    }
-
-    /// The ids of the chunks of a base stream.
-    pub fn stream_ids(&self, node: &ChunkId, kind: StreamKind) -> Result<HashSet<ChunkId>> {
-        Ok(self
-            .stream(node, kind)?
-            .entries
-            .iter()
-            .map(|e| e.0)
-            .collect())
+        let s = self.stream_ref(node, kind)?;
+        let mut out = Vec::new();
+        let mut off = 0u64;
+        ListReader::new(&s, |c| self.store.read_chunk(c)).walk(
+            |_| {},
+            |e| {
+                out.push((off, *e));
+                off += e.1 as u64;
+            },
+        )?;
+        Ok(out)
     }
 
     /// The concatenated bytes of `bases`.
@@ -638,17 +742,15 @@ impl BaseResolver {
                                 s.len
                             ))
                         })?;
-                    let mut i = s.starts.partition_point(|&x| x <= *off).saturating_sub(1);
-                    while i < s.entries.len() && s.starts[i] < end {
-                        let c = self.chunk(&s.entries[i].0)?;
-                        let cs = s.starts[i];
+                    self.chunks_in(&s, *off, end, &mut |cs, e| {
+                        let c = self.chunk(&e.0)?;
                         let from = off.saturating_sub(cs) as usize;
                         let to = ((end - cs) as usize).min(c.len());
                         if from < to {
                             out.extend_from_slice(&c[from..to]);
                         }
-                        i += 1;
-                    }
+                        Ok(true)
+                    })?;
                 }
             }
             if out.len() as u64 > MAX_BASE_BYTES {
@@ -755,12 +857,13 @@ impl BaseResolver {
                             continue;
                         };
                         let end = off.saturating_add(*len);
-                        let mut i = s.starts.partition_point(|&x| x <= *off).saturating_sub(1);
-                        while i < s.entries.len() && s.starts[i] < end {
-                            if !take(s.entries[i].0, s.entries[i].1 as u64) {
-                                break 'all;
-                            }
-                            i += 1;
+                        let mut full = false;
+                        let walked = self.chunks_in(&s, *off, end, &mut |_, e| {
+                            full = !take(e.0, e.1 as u64);
+                            Ok(!full)
+                        });
+                        if full || walked.is_err() {
+                            break 'all;
                         }
                     }
                     BaseRef::Sent { .. } => {}

@@ -24,7 +24,7 @@ use crate::error::Result;
 use crate::extract::load_recipe;
 use crate::hash::ChunkId;
 use crate::hdrdelta;
-use crate::list::{decode_entries, StreamRef};
+use crate::list::{decode_entries, Entry, StreamRef};
 use crate::recipe::{Node, NodeBody};
 use crate::skeleton::{Record, SkeletonReader};
 use crate::tarhdr::{parse_header, parse_pax, EntryKind, BLOCK};
@@ -417,6 +417,48 @@ fn sent_base(id: &ChunkId, target: &[u8], sent: &SentIndex) -> Option<BaseRef> {
     })
 }
 
+/// What [`DeltaPlanner::map_lists`] learnt of a new stream's list tree.
+struct Lists<'a> {
+    /// Pieces of the new stream the receiver lacks, with their entries.
+    changed: &'a HashMap<ChunkId, Vec<Entry>>,
+    /// Byte length under each piece of the old stream.
+    old_len: &'a HashMap<ChunkId, u64>,
+    /// Entries of changed pieces that the old stream holds.
+    owner: &'a HashMap<ChunkId, Option<ChunkId>>,
+}
+
+impl Lists<'_> {
+    /// Appends the offset and id of each chunk under `entries` (pieces of
+    /// `level`, or chunks at level 0) that the old stream lacks, stepping
+    /// over pieces it holds by their length.
+    fn new_leaves(
+        &self,
+        entries: &[Entry],
+        level: u8,
+        off: &mut u64,
+        out: &mut Vec<(u64, ChunkId)>,
+    ) -> Result<()> {
+        for e in entries {
+            if level == 0 {
+                if !self.owner.contains_key(&e.0) {
+                    out.push((*off, e.0));
+                }
+                *off += e.1 as u64;
+            } else if let Some(len) = self.old_len.get(&e.0) {
+                *off += len;
+            } else if let Some(below) = self.changed.get(&e.0) {
+                self.new_leaves(below, level - 1, off, out)?;
+            } else {
+                return Err(crate::error::Error::Corrupt(format!(
+                    "list piece {} was neither read nor held",
+                    e.0
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What the planner did, for reports.
 #[derive(Default, Debug, Clone, Copy, serde::Serialize)]
 pub struct PlannerStats {
@@ -720,7 +762,6 @@ impl DeltaPlanner {
         let (Some(ns), Some(os)) = (kind.of(&nn), kind.of(&on)) else {
             return Ok(());
         };
-        self.pair_lists(ns, os)?;
         let m = self.mappings.len();
         self.mappings.push(Mapping {
             old_node: *old,
@@ -729,75 +770,116 @@ impl DeltaPlanner {
             new_len: ns.len,
             old_len: os.len,
         });
-        // Chunks of the old stream are held by the receiver (base images
-        // are held whole): only the others need a plan. On a rebuild of a
-        // multi-GB layer that is a few thousand entries instead of every
-        // chunk of the layer.
-        let held = self.resolver.stream_ids(old, kind)?;
-        for (off, e) in self.resolver.stream_chunks(new, kind)? {
-            if !held.contains(&e.0) {
-                self.ctx
-                    .entry(e.0)
-                    .or_insert(Ctx::Stream { mapping: m, off });
-            }
-        }
-        Ok(())
+        self.map_lists(ns, os, m)
     }
 
-    /// Each new list piece gets as bases the old pieces that hold its
-    /// entries, at most [`MAX_PIECE_BASES`], most shared first: where
-    /// pieces were cut elsewhere than before, a new piece spans two old ones,
-    /// and with only the best of them every entry of the other was spelled
-    /// out (32 bytes each).
-    fn pair_lists(&mut self, new: &StreamRef, old: &StreamRef) -> Result<()> {
-        if new.level == 0 || old.level == 0 {
-            return Ok(());
-        }
+    /// Plans what of new stream `ns` the receiver lacks, against old stream
+    /// `os` (mapping `m`), which it holds whole.
+    ///
+    /// A list piece of `ns` that `os` also has is held with everything
+    /// under it, so only the pieces over changed chunks are read, and the
+    /// old stream's leaves are scanned for just their entries: memory
+    /// follows the pieces (1/256 of the chunks) and the changes, not the
+    /// chunks of a multi-GB layer.
+    ///
+    /// Each chunk of `ns` not in `os` gets its offset in `ns`; each new
+    /// piece gets as bases the old pieces that hold its entries, at most
+    /// [`MAX_PIECE_BASES`], most shared last: where pieces were cut
+    /// elsewhere than before, a new piece spans two old ones, and with only
+    /// the best of them every entry of the other was spelled out (32 bytes
+    /// each).
+    fn map_lists(&mut self, ns: &StreamRef, os: &StreamRef, m: usize) -> Result<()> {
         let store = self.resolver.store().clone();
-        let entries = |p: &ChunkId| -> Result<Vec<ChunkId>> {
-            Ok(decode_entries(&store.read_chunk(p)?, p)?
-                .iter()
-                .map(|e| e.0)
-                .collect())
+        let read = |p: &ChunkId| -> Result<Vec<Entry>> { decode_entries(&store.read_chunk(p)?, p) };
+        // The old stream above its leaf pieces, top down; then the leaf
+        // pieces' ids.
+        let mut old_upper: Vec<(ChunkId, Vec<Entry>)> = Vec::new();
+        let mut level: Vec<ChunkId> = os.entries.iter().map(|e| e.0).collect();
+        for _ in 1..os.level {
+            let mut next = Vec::new();
+            for p in level {
+                let ents = read(&p)?;
+                next.extend(ents.iter().map(|e| e.0));
+                old_upper.push((p, ents));
+            }
+            level = next;
+        }
+        let old_leaf_pieces: Vec<ChunkId> = if os.level == 0 { Vec::new() } else { level };
+        let held: HashSet<ChunkId> = old_upper
+            .iter()
+            .map(|p| p.0)
+            .chain(old_leaf_pieces.iter().copied())
+            .collect();
+        // The new stream's pieces the receiver lacks, with their entries.
+        let mut changed: HashMap<ChunkId, Vec<Entry>> = HashMap::new();
+        let mut order: Vec<ChunkId> = Vec::new();
+        let mut level: Vec<ChunkId> = match ns.level {
+            0 => Vec::new(),
+            _ => ns.entries.iter().map(|e| e.0).collect(),
         };
-        // Pieces level by level from the top; `skip` prunes a piece (and so
-        // its subtree) before it is read.
-        let pieces = |s: &StreamRef,
-                      skip: &dyn Fn(&ChunkId) -> bool|
-         -> Result<Vec<(ChunkId, Vec<ChunkId>)>> {
-            let mut out = Vec::new();
-            let mut level: Vec<ChunkId> = s.entries.iter().map(|e| e.0).collect();
-            for _ in 0..s.level {
-                let mut next = Vec::new();
-                for p in level.into_iter().filter(|p| !skip(p)) {
-                    let ents = entries(&p)?;
-                    next.extend(ents.iter().copied());
-                    out.push((p, ents));
+        for _ in 0..ns.level {
+            let mut next = Vec::new();
+            for p in level {
+                if held.contains(&p) || changed.contains_key(&p) {
+                    continue;
                 }
-                level = next;
+                let ents = read(&p)?;
+                next.extend(ents.iter().map(|e| e.0));
+                changed.insert(p, ents);
+                order.push(p);
             }
-            Ok(out)
-        };
-        let old_pieces = pieces(old, &|_| false)?;
-        // A new piece the old stream also has is held by the receiver, and
-        // so is everything under it: on a rebuild of a multi-GB layer only
-        // the few pieces over changed chunks are read and voted on.
-        let held: HashSet<ChunkId> = old_pieces.iter().map(|p| p.0).collect();
-        let changed = pieces(new, &|p| held.contains(p) || self.ctx.contains_key(p))?;
-        if changed.is_empty() {
-            return Ok(());
+            level = next;
         }
-        let wanted: HashSet<ChunkId> = changed.iter().flat_map(|c| c.1.iter().copied()).collect();
-        let mut owner: HashMap<ChunkId, ChunkId> = HashMap::new();
-        for (p, ents) in &old_pieces {
-            for e in ents.iter().filter(|e| wanted.contains(e)) {
-                owner.entry(*e).or_insert(*p);
+        let wanted: HashSet<ChunkId> = changed
+            .values()
+            .flatten()
+            .chain(if ns.level == 0 { &ns.entries[..] } else { &[] })
+            .map(|e| e.0)
+            .collect();
+        // Where in the old stream each wanted entry is, and how long each
+        // old piece's subtree is (to step over held pieces of `ns`).
+        let mut owner: HashMap<ChunkId, Option<ChunkId>> = HashMap::new();
+        if os.level == 0 {
+            for e in os.entries.iter().filter(|e| wanted.contains(&e.0)) {
+                owner.entry(e.0).or_insert(None);
             }
         }
-        for (p, ents) in changed {
+        let leaf_scan: Vec<Result<(u64, Vec<ChunkId>)>> = old_leaf_pieces
+            .par_iter()
+            .map(|p| {
+                let ents = read(p)?;
+                let len = ents.iter().map(|e| e.1 as u64).sum();
+                Ok((
+                    len,
+                    ents.iter()
+                        .map(|e| e.0)
+                        .filter(|e| wanted.contains(e))
+                        .collect(),
+                ))
+            })
+            .collect();
+        let mut old_len: HashMap<ChunkId, u64> = HashMap::new();
+        for (p, r) in old_leaf_pieces.iter().zip(leaf_scan) {
+            let (len, hits) = r?;
+            old_len.insert(*p, len);
+            for e in hits {
+                owner.entry(e).or_insert(Some(*p));
+            }
+        }
+        for (p, ents) in old_upper.iter().rev() {
+            let len = ents.iter().filter_map(|e| old_len.get(&e.0)).sum();
+            old_len.insert(*p, len);
+            for e in ents.iter().filter(|e| wanted.contains(&e.0)) {
+                owner.entry(e.0).or_insert(Some(*p));
+            }
+        }
+        for p in &order {
+            if self.ctx.contains_key(p) {
+                continue;
+            }
             let mut votes: HashMap<ChunkId, usize> = HashMap::new();
-            for e in &ents {
-                if let Some(o) = owner.get(e) {
+            for e in changed.get(p).into_iter().flatten() {
+                if let Some(Some(o)) = owner.get(&e.0) {
                     *votes.entry(*o).or_default() += 1;
                 }
             }
@@ -807,8 +889,20 @@ impl DeltaPlanner {
             ranked.truncate(MAX_PIECE_BASES);
             if !ranked.is_empty() {
                 let olds = ranked.into_iter().rev().map(|(_, o)| o).collect();
-                self.ctx.insert(p, Ctx::Whole(olds));
+                self.ctx.insert(*p, Ctx::Whole(olds));
             }
+        }
+        let lists = Lists {
+            changed: &changed,
+            old_len: &old_len,
+            owner: &owner,
+        };
+        let mut new_chunks = Vec::new();
+        lists.new_leaves(&ns.entries, ns.level, &mut 0, &mut new_chunks)?;
+        for (off, id) in new_chunks {
+            self.ctx
+                .entry(id)
+                .or_insert(Ctx::Stream { mapping: m, off });
         }
         Ok(())
     }

@@ -219,29 +219,29 @@ fn missing_in_stream(
     // Walk level by level so a missing piece is reported instead of failing.
     // Each level keeps every id once: a hostile tree that repeats one piece
     // thousands of times at every level costs one visit, not their product.
-    // The leaves, the largest level by far, are not deduplicated: they
-    // come from distinct pieces, so their count is bounded by the bytes
-    // read, and repeats are only looked up again (callers deduplicate what
-    // is missing); a hash set of every leaf of a multi-GB layer would cost
-    // tens of MB.
-    // Pieces are read and leaves looked up on every core: on a multi-GB
-    // layer this check is the last thing a receiver does before it
-    // publishes, while the sender waits.
-    let mut level: Vec<ChunkId> = s.entries.iter().map(|e| e.0).collect();
-    for depth in (0..=s.level).rev() {
-        if depth == 0 {
-            if leaves {
-                let absent: Vec<ChunkId> = level
-                    .par_iter()
-                    .filter(|id| !store.contains(id))
-                    .copied()
-                    .collect();
-                out.extend(absent);
-            }
-            break;
+    // The leaves, the largest level by far, are never gathered: each leaf
+    // piece's entries are looked up as it is read and only the missing
+    // ones kept, so memory follows the pieces (1/256 of the chunks), not
+    // the chunks of a multi-GB layer. Pieces are read and leaves looked up
+    // on every core: this check is the last thing a receiver does before
+    // it publishes, while the sender waits.
+    if s.level == 0 {
+        if leaves {
+            out.extend(
+                s.entries
+                    .iter()
+                    .map(|e| e.0)
+                    .filter(|id| !store.contains(id)),
+            );
         }
+        return Ok(());
+    }
+    let mut level: Vec<ChunkId> = s.entries.iter().map(|e| e.0).collect();
+    for depth in (1..=s.level).rev() {
         let mut seen = HashSet::new();
         level.retain(|id| seen.insert(*id));
+        // A piece's children that matter: every one above the leaves, the
+        // missing ones at the leaves (none when only objects are wanted).
         let below: Vec<Result<Option<Vec<ChunkId>>>> = level
             .par_iter()
             .map(|p| {
@@ -249,12 +249,9 @@ fn missing_in_stream(
                     return Ok(None);
                 }
                 let bytes = store.read_chunk(p)?;
-                Ok(Some(
-                    wharf_format::list::decode_entries(&bytes, p)?
-                        .iter()
-                        .map(|e| e.0)
-                        .collect(),
-                ))
+                let children = wharf_format::list::decode_entries(&bytes, p)?;
+                let keep = |id: &ChunkId| depth > 1 || (leaves && !store.contains(id));
+                Ok(Some(children.iter().map(|e| e.0).filter(keep).collect()))
             })
             .collect();
         let mut next = Vec::new();
@@ -263,6 +260,10 @@ fn missing_in_stream(
                 Some(ids) => next.extend(ids),
                 None => out.push(*p),
             }
+        }
+        if depth == 1 {
+            out.extend(next);
+            break;
         }
         level = next;
     }

@@ -1302,3 +1302,154 @@ fn a_resumed_push_does_not_resend_what_arrived() {
     assert_extracts(&r, "app:v2", &img.v2);
     assert_verifies(&r);
 }
+
+/// A store of tiny chunks holding two versions of a tar of one 12 MiB
+/// file that differ in `changes` places: the file's data list is two
+/// levels of pieces deep, as a multi-GB layer's is at the default size.
+fn deep_lists(changes: usize) -> (tempfile::TempDir, Arc<Store>, ChunkId, ChunkId) {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig {
+        chunking: wharf_format::chunker::ChunkParams {
+            min: 64,
+            avg: 256,
+            max: 1024,
+        },
+        ..StoreConfig::default()
+    };
+    let s = Arc::new(Store::init(&d.path().join("tiny"), cfg).unwrap());
+    let mut rng = Rng(0xdee9);
+    let v1 = rng.bytes(12 << 20);
+    let mut v2 = v1.clone();
+    for _ in 0..changes {
+        let at = rng.below(v2.len() as u64 - 4) as usize;
+        v2[at..at + 4].copy_from_slice(&rng.bytes(4));
+    }
+    for (name, data) in [("app:v1", &v1), ("app:v2", &v2)] {
+        let mut w = TarWriter::new(Vec::new());
+        w.file("big.bin", 0o644, T1, data).unwrap();
+        w.finish().unwrap();
+        add(&s, name, &w.into_inner());
+    }
+    let v1 = s.require_ref("app:v1").unwrap().recipe;
+    let v2 = s.require_ref("app:v2").unwrap().recipe;
+    (d, s, v1, v2)
+}
+
+/// The longest data stream of image `recipe`'s nodes, and its node.
+fn data_stream(s: &Store, recipe: &ChunkId) -> (ChunkId, wharf_format::list::StreamRef) {
+    let node =
+        |id: &ChunkId| wharf_format::recipe::Node::decode(&s.read_chunk(id).unwrap(), id).unwrap();
+    let mut todo = vec![load_recipe(s, recipe).unwrap().root];
+    let mut best: Option<(ChunkId, wharf_format::list::StreamRef)> = None;
+    while let Some(id) = todo.pop() {
+        let n = node(&id);
+        if let wharf_format::recipe::NodeBody::Tar { children, .. } = &n.body {
+            todo.extend(children.iter().copied());
+        }
+        if let Some(d) = StreamKind::Data.of(&n) {
+            if best.as_ref().is_none_or(|b| b.1.len < d.len) {
+                best = Some((id, d.clone()));
+            }
+        }
+    }
+    best.unwrap()
+}
+
+#[test]
+fn ranges_of_a_deep_list_read_the_bytes_a_flat_walk_reads() {
+    let (_d, s, v1, _) = deep_lists(0);
+    let (root, stream) = data_stream(&s, &v1);
+    assert!(
+        stream.level >= 2,
+        "the list is {} levels deep",
+        stream.level
+    );
+    let resolver = BaseResolver::new(s.clone());
+    let mut flat = Vec::new();
+    for (off, e) in resolver.stream_chunks(&root, StreamKind::Data).unwrap() {
+        assert_eq!(off, flat.len() as u64);
+        flat.extend(s.read_chunk(&e.0).unwrap());
+    }
+    assert_eq!(flat.len() as u64, stream.len);
+    let mut rng = Rng(7);
+    let end = stream.len;
+    let mut ranges = vec![(0, 1), (0, 70_000), (end - 1, 1), (end - 70_000, 70_000)];
+    for _ in 0..300 {
+        let len = rng.size(1, 200_000) as u64;
+        ranges.push((rng.below(end - len), len));
+    }
+    for (off, len) in ranges {
+        let base = BaseRef::Range {
+            node: root,
+            stream: StreamKind::Data,
+            off,
+            len,
+        };
+        let got = resolver.base_bytes(&[base], &SentIndex::default()).unwrap();
+        assert!(
+            got == flat[off as usize..(off + len) as usize],
+            "range {off}+{len} of a {end}-byte stream"
+        );
+    }
+    let past = BaseRef::Range {
+        node: root,
+        stream: StreamKind::Data,
+        off: end - 10,
+        len: 11,
+    };
+    assert!(resolver.base_bytes(&[past], &SentIndex::default()).is_err());
+}
+
+#[test]
+fn changes_deep_in_a_long_list_are_found_and_sent_as_small_deltas() {
+    let changes = 150;
+    let (d, src, v1, v2) = deep_lists(changes);
+    assert!(data_stream(&src, &v2).1.level >= 2);
+    let planner = wharf_transport::send::planner(
+        &src,
+        &v2,
+        &wharf_transport::send::Bases {
+            images: vec![v1],
+            recipes_held: true,
+        },
+        DeltaOptions::default(),
+    )
+    .unwrap()
+    .expect("a planner");
+    let new = new_chunks(&src, &v1, &v2);
+    let unplanned: Vec<&ChunkId> = new.iter().filter(|c| !planner.knows(c)).collect();
+    // The recipe alone is sent without a base.
+    assert!(
+        unplanned.len() <= 1,
+        "{} new chunks have no plan",
+        unplanned.len()
+    );
+    // A receiver holding v1 (as the sender chunked it).
+    let dst = store(&d, "dst");
+    let push = |name: &str, opts: DeltaOptions| {
+        let (a, server) = spawn_server(&dst);
+        let mut client = Client::connect(a.try_clone().unwrap(), a, "push").unwrap();
+        let rep = client.push(&src, name, name, opts, &|_| {}).unwrap();
+        drop(client);
+        server.join().unwrap().unwrap();
+        rep
+    };
+    push("app:v1", NO_DELTAS);
+    let rep = push("app:v2", DeltaOptions::default());
+    // Every changed chunk but the recipe goes as a delta, each against the
+    // old bytes at its own offset: a few bytes for each 4 changed, where a
+    // base at a wrong offset would leave the random bytes to be sent whole.
+    assert!(rep.delta_chunks + 1 >= rep.chunks_sent, "{rep:?}");
+    assert!(rep.delta_bytes * 6 < rep.delta_instead_of, "{rep:?}");
+    let mut w = TarWriter::new(Vec::new());
+    let mut rng = Rng(0xdee9);
+    let mut data = rng.bytes(12 << 20);
+    for _ in 0..changes {
+        let at = rng.below(data.len() as u64 - 4) as usize;
+        data[at..at + 4].copy_from_slice(&rng.bytes(4));
+    }
+    w.file("big.bin", 0o644, T1, &data).unwrap();
+    w.finish().unwrap();
+    assert_extracts(&dst, "app:v2", &w.into_inner());
+    assert_verifies(&dst);
+}
