@@ -13,18 +13,64 @@ use wharf_format::similar::DeltaPlanner;
 use wharf_format::{ChunkId, Store};
 
 /// Every chunk id the image `recipe` uses (recipe, nodes, block maps, list
-/// pieces, data), each once, skipping the subtrees of nodes in `skip`.
+/// pieces, data), each once, in tree order, skipping the subtrees of nodes
+/// in `skip`.
+///
+/// Only nodes are remembered while walking (a node shared by two layers is
+/// walked once); the other chunks are gathered with their repeats and
+/// deduplicated at the end by sorting, each kept where it first occurs: a
+/// hash set of every chunk of a multi-GB image costs about 100 bytes a
+/// chunk, this 36 while it sorts and 32 after.
 pub fn image_chunks(
     store: &Store,
     recipe: &ChunkId,
     skip: &HashSet<ChunkId>,
 ) -> Result<Vec<ChunkId>> {
     let rec = load_recipe(store, recipe)?;
-    let mut seen: HashSet<ChunkId> = skip.clone();
-    seen.insert(*recipe);
+    let mut nodes_seen: HashSet<ChunkId> = skip.clone();
     let mut out = vec![*recipe];
-    subtree_chunks(store, &rec.root, &mut seen, &mut out)?;
+    let mut nodes = vec![rec.root];
+    while let Some(n) = nodes.pop() {
+        if !nodes_seen.insert(n) {
+            continue;
+        }
+        out.push(n);
+        let node = Node::decode(&store.read_chunk(&n)?, &n)?;
+        out.extend(node.blocks);
+        let (children, streams) = node_parts(&node);
+        nodes.extend(children.iter().rev().copied());
+        for s in streams {
+            let ids = std::cell::RefCell::new(&mut out);
+            ListReader::new(&s, |c| store.read_chunk(c)).walk(
+                |p| ids.borrow_mut().push(*p),
+                |e| ids.borrow_mut().push(e.0),
+            )?;
+        }
+    }
+    dedup_keep_first(&mut out)?;
     Ok(out)
+}
+
+/// Removes every repeat from `ids`, keeping each id where it first occurs.
+fn dedup_keep_first(ids: &mut Vec<ChunkId>) -> Result<()> {
+    let n = u32::try_from(ids.len()).map_err(|_| {
+        crate::Error::Protocol(format!("an image of {} chunks is too large", ids.len()))
+    })?;
+    let mut order: Vec<u32> = (0..n).collect();
+    order.par_sort_unstable_by(|&a, &b| ids[a as usize].cmp(&ids[b as usize]).then(a.cmp(&b)));
+    let mut repeat = vec![false; ids.len()];
+    for w in order.windows(2) {
+        if ids[w[0] as usize] == ids[w[1] as usize] {
+            repeat[w[1] as usize] = true;
+        }
+    }
+    drop(order);
+    let mut at = 0;
+    ids.retain(|_| {
+        at += 1;
+        !repeat[at - 1]
+    });
+    Ok(())
 }
 
 /// Appends to `out` every chunk below `node` (itself, block maps, list
