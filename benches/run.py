@@ -26,6 +26,7 @@ import io
 import json
 import os
 import platform
+import random
 import resource
 import re
 import shlex
@@ -1059,6 +1060,10 @@ def bench_scale(wh, src, work, reps, gb, cache_dir):
         rm(D)
         timed("pull_new", "pull (all new)", "`pull` into an empty local store", lambda: wh.pull(P, S, "big"), reps,
               prep=lambda: wh.init(P), rate="payload")
+        rm(P)
+        rm(S)
+        log("scale: delta pushes of images of many chunks")
+        res["many_chunks"] = bench_many_chunks(wh, work)
     except (Failed, ValueError, KeyError, OSError) as e:  # a failure must not end the run
         res["error"] = f"{type(e).__name__}: {e}" if not isinstance(e, Failed) else str(e)
         log(f"  scale: FAILED: {res['error'][:300]}")
@@ -1068,6 +1073,94 @@ def bench_scale(wh, src, work, reps, gb, cache_dir):
         res["scratch_peak_bytes"] = disk.done()
         res["secs"] = time.monotonic() - t0
     return res
+
+
+# ---------------------------------------------------------------- many chunks: memory of a delta push
+
+# A delta push's memory that grows with the image grows with its number of chunks, not its bytes: chunk ids
+# and list pieces. Two images of seeded random bytes, chunked at 64/256/1024 bytes (the store's config.json
+# set so; the CLI's smallest is 1 KiB), give the chunk counts of multi-GB images in seconds, and the slope
+# between them is the memory a push needs per chunk.
+MANY_CHUNKS_MB = (40, 320)
+MANY_CHUNKS_CHANGES = 1000
+MANY_CHUNKS_PARAMS = {"min": 64, "avg": 256, "max": 1024}
+
+
+def many_chunks_pair(d, mb_, changes, seed):
+    """v1.tar: one file of `mb_` MiB of random bytes; v2.tar: the same with `changes` 4-byte changes at random
+    places. Both the same every run (seeded)."""
+    rnd = random.Random(seed)
+    data = bytearray(b"".join(rnd.randbytes(1 << 20) for _ in range(mb_)))
+    paths = []
+    for name in ("v1.tar", "v2.tar"):
+        if name == "v2.tar":
+            for _ in range(changes):
+                at = rnd.randrange(len(data) - 4)
+                data[at:at + 4] = rnd.randbytes(4)
+        path = os.path.join(d, name)
+        with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as t:
+            ti = tarfile.TarInfo("data.bin")
+            ti.size, ti.mtime, ti.mode = len(data), 1_700_000_000, 0o644
+            t.addfile(ti, io.BytesIO(bytes(data)))
+        paths.append(path)
+    return paths
+
+
+def bench_many_chunks(wh, work):
+    """For each size: add v1 and v2 to a tiny-chunk store, push v1 into an empty receiver (no deltas), then push
+    v2 into copies of it with and without deltas; peak RSS of the push and its receiving child, and that the
+    receiver extracts v2 byte-identical."""
+    wh = Wharf(wh.exe, exact=True)
+    rows = []
+    for size in MANY_CHUNKS_MB:
+        d = fresh_dir(os.path.join(work, f"many-{size}"))
+        try:
+            v1, v2 = many_chunks_pair(d, size, MANY_CHUNKS_CHANGES, seed=size)
+            S, R0 = os.path.join(d, "s"), os.path.join(d, "r0")
+            wh.init(S)
+            cfg_path = os.path.join(S, "config.json")
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+            cfg["chunking"] = MANY_CHUNKS_PARAMS
+            with open(cfg_path, "w") as f:
+                json.dump(cfg, f, indent=2)
+            wh.add(S, v1, "v1")
+            wh.add(S, v2, "v2")
+            wh.init(R0)
+            first = wh.push(S, "v1", R0, ("--no-deltas",))
+            row = {"mb": size, "changes": MANY_CHUNKS_CHANGES, "chunks": first["report"]["chunks_total"]}
+            for key, extra in (("deltas", ()), ("no_deltas", ("--no-deltas",))):
+                R = os.path.join(d, "r-" + key)
+                shutil.copytree(R0, R)
+                os.sync()
+                r = wh.push(S, "v2", R, extra)
+                rep = r["report"]
+                out = os.path.join(d, "out.tar")
+                wh.extract(R, "v2", out)
+                row[key] = {"secs": r["secs"], "cpu": r["cpu"], "rss_kb": r["rss_kb"],
+                            "payload_bytes": rep["payload_bytes"], "chunks_sent": rep["chunks_sent"],
+                            "delta_chunks": rep.get("delta_chunks", 0),
+                            "identical": sha256_file(out) == sha256_file(v2)}
+                rm(out)
+                rm(R)
+            rows.append(row)
+            log(f"  many chunks: {size} MiB, {row['chunks']:,} chunks: delta push peak "
+                f"{row['deltas']['rss_kb'] / 1024:.0f} MB ({row['deltas']['secs']:.2f} s), without deltas "
+                f"{row['no_deltas']['rss_kb'] / 1024:.0f} MB")
+        finally:
+            rm(d)
+    return {"rows": rows, "params": MANY_CHUNKS_PARAMS}
+
+
+def many_chunks_slope(mc):
+    """Bytes of peak RSS per chunk of a delta push, between the smallest and the largest image measured."""
+    rows = (mc or {}).get("rows") or []
+    if len(rows) < 2:
+        return None
+    a, b = rows[0], rows[-1]
+    if b["chunks"] <= a["chunks"]:
+        return None
+    return (b["deltas"]["rss_kb"] - a["deltas"]["rss_kb"]) * 1024 / (b["chunks"] - a["chunks"])
 
 
 # ---------------------------------------------------------------- object store (Garage)
@@ -2643,7 +2736,19 @@ def extrapolation_section(R, a):
       "Nothing in these runs shows it growing with the image, but no larger image was measured, so that it stays "
       f"bounded at {tgb} is not shown here; the index (memory-mapped) of (4), some hundreds of MB, counts in RSS as "
       "far as its pages are touched, which was not measured either.")
-    if pk:
+    slope = many_chunks_slope((R.get("scale") or {}).get("many_chunks"))
+    if pk and slope is not None:
+        a("")
+        grow = slope * (v1_chunks - cpb * v1_size)
+        est = max(pk) * 1024 + grow
+        a(f"Push with deltas: measured peak {rng(pk)} MB (push and its receiving child) on these {mb(v1_size)} MB images "
+          f"({cpb * v1_size:,.0f} chunks). What grows with the image grows with its chunks: {slope:.0f} bytes of peak "
+          f"RSS per chunk, measured in *Scale* (*Delta push of images of many chunks*, up to "
+          f"{max(r['chunks'] for r in R['scale']['many_chunks']['rows']):,} chunks). Estimate at {tgb} "
+          f"({v1_chunks:,.0f} chunks) = largest measured peak + slope × the chunks more = {max(pk) / 1024:.0f} + "
+          f"{grow / 2**20:.0f} ≈ **{est / 2**20:.0f} MB** (MiB), assuming the slope stays linear beyond what was "
+          "measured.")
+    elif pk:
         a("")
         ids_small = cpb * v1_size * PUSH_ID_BYTES
         ids_big = v1_chunks * PUSH_ID_BYTES
@@ -2890,11 +2995,47 @@ def scale_section(R, a):
           f"{(nproc if isinstance(nproc, int) else 1) * rep['payload_bytes'] / 1e6 / max(r['cpu'], 1e-9):.0f} MB/s "
           "of payload here.")
         a("")
+    many_chunks_section(sc.get("many_chunks"), a)
     a(f"Scratch disk: peak {mb(sc.get('scratch_peak_bytes'), 1e9)} GB in the work directory during this section "
       f"(the stores and the extracted file, sampled once a second), besides the {mb(img['size'], 1e9) if img else '?'} "
       "GB image in the cache directory. The section took "
       f"{sc.get('secs', 0) / 60:.1f} min.")
     a("")
+
+
+def many_chunks_section(mc, a):
+    rows = (mc or {}).get("rows") or []
+    if not rows:
+        return
+    prm = mc.get("params") or MANY_CHUNKS_PARAMS
+    a("### Delta push of images of many chunks")
+    a("")
+    a(f"What a push holds that grows with the image grows with its number of chunks (ids, list pieces), not with its "
+      f"bytes. Each image here is a tar of one file of seeded random bytes, stored at {prm['min']}/{prm['avg']}/"
+      f"{prm['max']}-byte chunks (the store's `config.json` set so: the CLI's smallest average is 1 KiB), so that a few "
+      f"hundred MB make as many chunks as a multi-GB image at the default 16 KiB; v2 differs from v1 in "
+      f"{rows[0]['changes']} 4-byte changes at random places, which touch most of the file's list pieces. The receiver "
+      "holds v1 (pushed to it first, as the sender chunked it); then v2 is pushed into a copy of it with and without "
+      "deltas. *peak MB*: of the push and its receiving child (the larger), one run each.")
+    a("")
+    a("| data MiB | chunks | GB at 16 KiB chunks | push, deltas s | peak MB | payload B | chunks as deltas | "
+      "push, no deltas s | peak MB | payload B | byte-identical |")
+    a("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        d, n = r["deltas"], r["no_deltas"]
+        a(f"| {r['mb']} | {r['chunks']:,} | {r['chunks'] * 16384 / 1e9:.1f} | {sec(d['secs'])} | "
+          f"{d['rss_kb'] / 1024:.0f} | {d['payload_bytes']:,} | {d['delta_chunks']} of {d['chunks_sent']} | "
+          f"{sec(n['secs'])} | {n['rss_kb'] / 1024:.0f} | {n['payload_bytes']:,} | "
+          f"{yes(d['identical'] and n['identical'])} |")
+    a("")
+    slope = many_chunks_slope(mc)
+    if slope is not None:
+        lo, hi = rows[0], rows[-1]
+        a(f"Slope: ({hi['deltas']['rss_kb'] / 1024:.0f} − {lo['deltas']['rss_kb'] / 1024:.0f} MB) / "
+          f"({hi['chunks']:,} − {lo['chunks']:,} chunks) = **{slope:.0f} bytes of peak RSS per chunk** for a push with "
+          "deltas (the sender's sorted chunk ids of the image and of its base, 36 and 32 bytes, the planner's lists of "
+          "the changed pieces' entries, the index pages it touches); the extrapolation below uses it.")
+        a("")
 
 
 def scale_targets(R):
