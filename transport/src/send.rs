@@ -143,11 +143,12 @@ pub struct Negotiated {
 /// What [`walk_image`] learns before the planner is needed: the chunks of
 /// the image outside the layers the receiver holds.
 pub struct Walked {
-    /// Every chunk of the images `bases`.
-    known: walk::IdSet,
-    /// The image's chunks outside held layers, in tree order.
+    /// The image's chunks outside held layers and outside the base images,
+    /// in tree order.
     ids: Vec<ChunkId>,
-    /// Of those, the ones outside every layer (only walked for deltas).
+    /// The image's distinct chunks outside held layers, known or not.
+    total: u64,
+    /// The image's chunks outside every layer (only walked for deltas).
     outside: HashSet<ChunkId>,
     layers_skipped: u64,
 }
@@ -175,7 +176,7 @@ pub fn walk_image(
         .filter(|(_, h)| **h)
         .map(|(i, _)| *i)
         .collect();
-    let ids = walk::image_chunks(store, recipe, &skip)?;
+    let (ids, total) = walk::image_chunks_beyond(store, recipe, &skip, &known)?;
     let all_layers: HashSet<ChunkId> = layer_ids.iter().copied().collect();
     let outside: HashSet<ChunkId> = match deltas {
         true => walk::image_chunks(store, recipe, &all_layers)?
@@ -184,8 +185,8 @@ pub fn walk_image(
         false => HashSet::new(),
     };
     Ok(Walked {
-        known,
         ids,
+        total,
         outside,
         layers_skipped: skip.len() as u64,
     })
@@ -199,8 +200,8 @@ pub fn sort_missing(
     has: &mut HasOracle<'_>,
 ) -> Result<Negotiated> {
     let Walked {
-        known,
         ids,
+        total,
         outside,
         layers_skipped,
     } = walked;
@@ -211,7 +212,6 @@ pub fn sort_missing(
     // asked: a receiver holding this very image under another name has them.
     let (assume, ask): (Vec<ChunkId>, Vec<ChunkId>) = ids
         .iter()
-        .filter(|i| !known.contains(i))
         .partition(|i| !outside.contains(i) && planner.is_some_and(|p| p.knows(i)));
     // Unless the receiver holds some of them already: an interrupted push
     // of this image. A sample spread evenly over them (a push sends in
@@ -244,7 +244,7 @@ pub fn sort_missing(
     missing.extend(assume);
     Ok(Negotiated {
         missing,
-        total: ids.len() as u64,
+        total,
         layers_skipped,
     })
 }

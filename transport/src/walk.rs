@@ -26,29 +26,64 @@ pub fn image_chunks(
     recipe: &ChunkId,
     skip: &HashSet<ChunkId>,
 ) -> Result<Vec<ChunkId>> {
+    let mut out = Vec::new();
+    walk_ids(store, recipe, skip, &mut |id| out.push(id))?;
+    dedup_keep_first(&mut out)?;
+    Ok(out)
+}
+
+/// Like [`image_chunks`], but only the chunks not in `known` are listed
+/// (those of the base images a receiver holds, which a push never asks
+/// about): the list of a new version is then its changes, not the whole
+/// image. Also returns how many distinct chunks the walk met in all, the
+/// known ones counted in a bitmap over `known` (a bit each).
+pub fn image_chunks_beyond(
+    store: &Store,
+    recipe: &ChunkId,
+    skip: &HashSet<ChunkId>,
+    known: &IdSet,
+) -> Result<(Vec<ChunkId>, u64)> {
+    let mut met = vec![0u64; known.len().div_ceil(64)];
+    let mut out = Vec::new();
+    walk_ids(store, recipe, skip, &mut |id| match known.position(&id) {
+        Some(i) => met[i / 64] |= 1 << (i % 64),
+        None => out.push(id),
+    })?;
+    dedup_keep_first(&mut out)?;
+    let total = out.len() as u64 + met.iter().map(|w| w.count_ones() as u64).sum::<u64>();
+    Ok((out, total))
+}
+
+/// Calls `emit` with every chunk id of image `recipe` in tree order, repeats
+/// included, skipping the subtrees of nodes in `skip`.
+fn walk_ids(
+    store: &Store,
+    recipe: &ChunkId,
+    skip: &HashSet<ChunkId>,
+    emit: &mut dyn FnMut(ChunkId),
+) -> Result<()> {
     let rec = load_recipe(store, recipe)?;
     let mut nodes_seen: HashSet<ChunkId> = skip.clone();
-    let mut out = vec![*recipe];
+    emit(*recipe);
     let mut nodes = vec![rec.root];
     while let Some(n) = nodes.pop() {
         if !nodes_seen.insert(n) {
             continue;
         }
-        out.push(n);
+        emit(n);
         let node = Node::decode(&store.read_chunk(&n)?, &n)?;
-        out.extend(node.blocks);
+        if let Some(b) = node.blocks {
+            emit(b);
+        }
         let (children, streams) = node_parts(&node);
         nodes.extend(children.iter().rev().copied());
         for s in streams {
-            let ids = std::cell::RefCell::new(&mut out);
-            ListReader::new(&s, |c| store.read_chunk(c)).walk(
-                |p| ids.borrow_mut().push(*p),
-                |e| ids.borrow_mut().push(e.0),
-            )?;
+            let emit = std::cell::RefCell::new(&mut *emit);
+            ListReader::new(&s, |c| store.read_chunk(c))
+                .walk(|p| (emit.borrow_mut())(*p), |e| (emit.borrow_mut())(e.0))?;
         }
     }
-    dedup_keep_first(&mut out)?;
-    Ok(out)
+    Ok(())
 }
 
 /// Removes every repeat from `ids`, keeping each id where it first occurs.
@@ -135,6 +170,11 @@ pub struct IdSet(Vec<ChunkId>);
 impl IdSet {
     pub fn contains(&self, id: &ChunkId) -> bool {
         self.0.binary_search(id).is_ok()
+    }
+
+    /// Where `id` is in the sorted list, if it is there.
+    pub fn position(&self, id: &ChunkId) -> Option<usize> {
+        self.0.binary_search(id).ok()
     }
 
     pub fn len(&self) -> usize {
