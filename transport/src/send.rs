@@ -210,9 +210,14 @@ pub fn sort_missing(
     // asking would cost 32 bytes each where their deltas cost little more.
     // Outside the layers (the outer tar's own objects) everything is
     // asked: a receiver holding this very image under another name has them.
-    let (assume, ask): (Vec<ChunkId>, Vec<ChunkId>) = ids
-        .iter()
-        .partition(|i| !outside.contains(i) && planner.is_some_and(|p| p.knows(i)));
+    // (Moved, not copied: on a first push of a multi-GB image `ids` is every
+    // chunk of it.)
+    let (assume, ask): (Vec<ChunkId>, Vec<ChunkId>) = match planner {
+        None => (Vec::new(), ids),
+        Some(p) => ids
+            .into_iter()
+            .partition(|i| !outside.contains(i) && p.knows(i)),
+    };
     // Unless the receiver holds some of them already: an interrupted push
     // of this image. A sample spread evenly over them (a push sends in
     // this order, so what arrived is a prefix) tells, for 2 KiB; then all
@@ -235,12 +240,12 @@ pub fn sort_missing(
         (assume, ask)
     };
     let have = has(&ask, false)?;
-    let mut missing: Vec<ChunkId> = ask
-        .into_iter()
-        .zip(have)
-        .filter(|(_, h)| !h)
-        .map(|(i, _)| i)
-        .collect();
+    let mut missing = ask;
+    let mut at = 0;
+    missing.retain(|_| {
+        at += 1;
+        !have.get(at - 1).copied().unwrap_or(false)
+    });
     missing.extend(assume);
     Ok(Negotiated {
         missing,

@@ -105,6 +105,7 @@ fn dedup_keep_first(ids: &mut Vec<ChunkId>) -> Result<()> {
         at += 1;
         !repeat[at - 1]
     });
+    ids.shrink_to_fit();
     Ok(())
 }
 
