@@ -40,6 +40,14 @@ pub const MAX_BODY: usize = MAX_FRAME as usize;
 /// Bytes of chunks a client puts in one PUT request. Each PUT becomes one
 /// pack on the receiver, so this is large.
 pub const PUT_BYTES: usize = 32 << 20;
+/// PUT and PUT_DELTA bodies a server reads and stores at once; more wait
+/// their turn unread. Each costs a few times its size while it is read,
+/// checked and stored: with every client's 4 at once, a push of all-new
+/// data peaked at 306 MB on the server.
+pub const UPLOADS_AT_ONCE: usize = 2;
+/// PUT and PUT_DELTA requests a client keeps in flight: two keep the
+/// server's cores and the link busy, and each body held costs PUT_BYTES.
+pub const UPLOADS_IN_FLIGHT: usize = 2;
 /// A GET reply stops adding chunks past this many bytes; the client asks
 /// again for the rest.
 pub const GET_REPLY_BYTES: usize = 32 << 20;
@@ -85,6 +93,8 @@ struct Srv {
     tokens: Arc<Tokens>,
     /// Serializes finishing writers: each finish may merge index files.
     finish: Arc<Mutex<()>>,
+    /// Upload bodies read and stored at once ([`UPLOADS_AT_ONCE`]).
+    uploads: Arc<tokio::sync::Semaphore>,
     /// Delta planners of recent pulls, by (recipe, bases, whether the
     /// client decodes header deltas): the requests of
     /// one pull share one, since building it reads every paired skeleton.
@@ -423,7 +433,51 @@ async fn h_get(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiError> 
     .map(octets)
 }
 
-async fn h_put(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiError> {
+/// Waits for an upload slot, then reads the whole body (at most
+/// [`MAX_BODY`]) into one buffer sized by its Content-Length, so it is
+/// held once, not once in pieces and again joined; the slot is held until
+/// the returned permit is dropped.
+async fn upload_body(
+    s: &Srv,
+    mut body: axum::body::Body,
+) -> Result<(tokio::sync::OwnedSemaphorePermit, Vec<u8>), ApiError> {
+    use http_body_util::BodyExt;
+    let permit = s.uploads.clone().acquire_owned().await.map_err(|_| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down".into(),
+        )
+    })?;
+    let too_large = || {
+        ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body over {MAX_BODY} bytes"),
+        )
+    };
+    let hint = axum::body::HttpBody::size_hint(&body);
+    if hint.lower() > MAX_BODY as u64 {
+        return Err(too_large());
+    }
+    let mut out = Vec::with_capacity(hint.exact().unwrap_or(0) as usize);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("request body unreadable: {e}"),
+            )
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if out.len() + data.len() > MAX_BODY {
+                return Err(too_large());
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok((permit, out))
+}
+
+async fn h_put(State(s): State<Srv>, body: axum::body::Body) -> Result<Response, ApiError> {
+    let (_slot, body) = upload_body(&s, body).await?;
     let finish = s.finish.clone();
     blocking(&s, move |store| {
         let bad = |e: Error| match e {
@@ -440,7 +494,7 @@ async fn h_put(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiError> 
             return Ok(br#"{"received":0,"new":0}"#.to_vec());
         }
         let mut r = Receiver::new(store.clone());
-        r.put(Vec::from(body)).map_err(bad)?;
+        r.put(body).map_err(bad)?;
         finish_put(&finish, r, bad)
     })
     .await
@@ -473,7 +527,8 @@ fn finish_put(
     .unwrap_or_default())
 }
 
-async fn h_put_delta(State(s): State<Srv>, body: Bytes) -> Result<Response, ApiError> {
+async fn h_put_delta(State(s): State<Srv>, body: axum::body::Body) -> Result<Response, ApiError> {
+    let (_slot, body) = upload_body(&s, body).await?;
     let finish = s.finish.clone();
     blocking(&s, move |store| {
         let mut r = Receiver::new(store.clone());
@@ -511,6 +566,7 @@ pub fn router(store: Arc<Store>, tokens: Tokens) -> Router {
         store,
         tokens: Arc::new(tokens),
         finish: Arc::new(Mutex::new(())),
+        uploads: Arc::new(tokio::sync::Semaphore::new(UPLOADS_AT_ONCE)),
         planners: Arc::new(Mutex::new(Vec::new())),
     };
     Router::new()
@@ -767,13 +823,14 @@ impl HttpClient {
         let mut rep = std::mem::take(&mut plan.report);
         let (planner, neg) = (plan.planner, plan.negotiated);
         let latest = Mutex::new(rep.clone());
-        // Bodies are built here and sent by `in_flight` threads.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(Kind, Vec<u8>)>(self.in_flight);
+        // Bodies are built here and sent by UPLOADS_IN_FLIGHT threads, handed
+        // over without a queue: each body held costs PUT_BYTES.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(Kind, Vec<u8>)>(0);
         let rx = Mutex::new(rx);
         let failure: Mutex<Option<Error>> = Mutex::new(None);
         let failed = AtomicBool::new(false);
         let produced: Result<()> = std::thread::scope(|s| {
-            for _ in 0..self.in_flight.max(1) {
+            for _ in 0..self.in_flight.clamp(1, UPLOADS_IN_FLIGHT) {
                 s.spawn(|| loop {
                     let body = match rx.lock() {
                         Ok(r) => r.recv(),
