@@ -1049,6 +1049,41 @@ def bench_scale(wh, src, work, reps, gb, cache_dir):
         res["push_wire_over_pct"] = 100 * (wire - rep["payload_bytes"]) / max(rep["payload_bytes"], 1)
         log(f"  all-new push: wire {wire:,} B vs payload {rep['payload_bytes']:,} B "
             f"({res['push_wire_over_pct']:+.2f} %)")
+        H = os.path.join(work, "scale-http")
+
+        def push_http():
+            """An all-new push to `wharf serve --listen` on an empty store: the sender's peak RSS through
+            RSS_HELPER, the server's from its VmHWM before it is stopped; the row shows the larger."""
+            wh.init(H)
+            tok = os.path.join(work, "scale-token")
+            with open(tok, "w") as f:
+                f.write("bench-token\n")
+            srv = subprocess.Popen([wh.exe, "--quiet", "--store", H, "serve", "--listen", "127.0.0.1:0",
+                                    "--push-token-file", tok], stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, text=True)
+            try:
+                got = re.search(r"http://127\.0\.0\.1:\d+", srv.stdout.readline() if srv.stdout else "")
+                if not got:
+                    raise Failed("wharf serve --listen printed no address")
+                r = measure([wh.exe, "--quiet", "--store", S, "push", "big", got.group(0), "--json"],
+                            stdout="capture", env={"WHARF_TOKEN": "bench-token"}, exact=True)
+                r["report"] = json.loads(r.pop("out"))
+                with open(f"/proc/{srv.pid}/status") as f:
+                    hwm = re.search(r"VmHWM:\s+(\d+)", f.read())
+                r["sender_rss_kb"], r["server_rss_kb"] = r["rss_kb"], int(hwm.group(1)) if hwm else 0
+                r["rss_kb"] = max(r["sender_rss_kb"], r["server_rss_kb"])
+                return r
+            finally:
+                srv.terminate()
+                srv.wait()
+                rm(H)
+                rm(tok)
+
+        runs = timed("push_http_new", "push over HTTP (all new)",
+                     "`push` of all-new data to `wharf serve --listen` on an empty store (HTTP, loopback)",
+                     push_http, reps, rate="payload")
+        rows["push_http_new"]["sender_rss_kb"] = max(x["sender_rss_kb"] for x in runs)
+        rows["push_http_new"]["server_rss_kb"] = max(x["server_rss_kb"] for x in runs)
         for key, short, label, extra in (
                 ("noop_push", "no-op push", "no-op `push` (the receiver holds it): `--as big-again`",
                  ("--as", "big-again")),
@@ -2961,6 +2996,10 @@ def scale_section(R, a):
         a(f"| wire bytes of that push (out + in) against its payload | | | | | | within {SCALE_WIRE_PCT:g} %: "
           f"{mb(sc.get('push_wire_bytes'))} MB against {mb(rep['payload_bytes'])} MB, {over:+.2f} % | "
           f"{yes(abs(over) <= SCALE_WIRE_PCT)} |")
+    ph = rows.get("push_http_new")
+    if ph:
+        line("push_http_new", f"{rss_t} (sender {ph['sender_rss_kb'] / 1024:.0f} MB, server "
+             f"{ph['server_rss_kb'] / 1024:.0f} MB)", rss_ok("push_http_new"))
     for key in ("noop_push", "noop_push_nodelta"):
         r = rows.get(key)
         if r:
