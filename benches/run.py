@@ -1123,20 +1123,31 @@ MANY_CHUNKS_PARAMS = {"min": 64, "avg": 256, "max": 1024}
 
 def many_chunks_pair(d, mb_, changes, seed):
     """v1.tar: one file of `mb_` MiB of random bytes; v2.tar: the same with `changes` 4-byte changes at random
-    places. Both the same every run (seeded)."""
+    places. Both the same every run (seeded). Written a MiB at a time: held whole, the image would raise this
+    process's peak RSS, and every child started afterwards would report at least that peak as its own (see
+    RSS_HELPER), so the peers' and object store's peak MB would be the harness's, not theirs."""
+    block = 1 << 20
     rnd = random.Random(seed)
-    data = bytearray(b"".join(rnd.randbytes(1 << 20) for _ in range(mb_)))
+    edits = {}
+    for _ in range(changes):
+        at = rnd.randrange(mb_ * block)
+        at -= max(0, at % block + 4 - block)  # inside one block: a block is written in one piece
+        edits.setdefault(at // block, []).append((at % block, rnd.randbytes(4)))
+    ti = tarfile.TarInfo("data.bin")
+    ti.size, ti.mtime, ti.mode = mb_ * block, 1_700_000_000, 0o644
     paths = []
     for name in ("v1.tar", "v2.tar"):
-        if name == "v2.tar":
-            for _ in range(changes):
-                at = rnd.randrange(len(data) - 4)
-                data[at:at + 4] = rnd.randbytes(4)
         path = os.path.join(d, name)
-        with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as t:
-            ti = tarfile.TarInfo("data.bin")
-            ti.size, ti.mtime, ti.mode = len(data), 1_700_000_000, 0o644
-            t.addfile(ti, io.BytesIO(bytes(data)))
+        with open(path, "wb") as f:
+            f.write(ti.tobuf(format=tarfile.GNU_FORMAT))
+            for i in range(mb_):
+                data = random.Random(seed * 1_000_003 + i).randbytes(block)
+                if name == "v2.tar" and i in edits:
+                    data = bytearray(data)
+                    for off, b in edits[i]:
+                        data[off:off + 4] = b
+                f.write(data)
+            f.write(bytes(2 * tarfile.BLOCKSIZE))  # the size is a whole number of blocks: no padding before
         paths.append(path)
     return paths
 
