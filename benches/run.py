@@ -48,7 +48,10 @@ APT = {
     "zstd": "zstd", "b3sum": "b3sum", "openssl": "openssl", "gzip": "gzip",
     "xdelta3": "xdelta3", "rsync": "rsync", "casync": "casync", "borg": "borgbackup",
     "restic": "restic", "gnuplot": "gnuplot-nox", "cargo": None, "bita": None,
+    "mmdebstrap": "mmdebstrap", "pigz": "pigz",
 }
+# What ../shared/corpus/build_corpus.py runs, installed before it builds a missing corpus.
+CORPUS_TOOLS = ["mmdebstrap", "pigz"]
 LIMIT_TOOLS = ["zstd", "b3sum", "openssl"]
 PEER_TOOLS = ["zstd", "gzip", "xdelta3", "rsync", "casync", "borg", "restic", "bita"]
 # bita (crates.io) is not packaged by Debian: when missing, `cargo install --locked` builds this version into
@@ -433,7 +436,7 @@ def find_builder():
     return None
 
 
-def load_corpus(corpus, tier, formats, scenarios, build):
+def load_corpus(corpus, tier, formats, scenarios, build, tools=None):
     man = os.path.join(corpus, "corpus.json")
 
     def pairs_from():
@@ -463,6 +466,8 @@ def load_corpus(corpus, tier, formats, scenarios, build):
         b = find_builder()
         if not b:
             raise SystemExit(f"corpus incomplete at {corpus} and build_corpus.py not found (set WHARF_CORPUS_BUILDER)")
+        for c in CORPUS_TOOLS if tools else ():
+            tools.have(c)
         cmd = [sys.executable, b, "--tier", tier, "--out", corpus,
                "--formats", ",".join(formats), "--scenarios", ",".join(scenarios)]
         log(f"corpus incomplete ({missing[:3]}...): building it: {q(cmd)}")
@@ -3420,9 +3425,10 @@ def main():
         if not scale_fmt:
             raise SystemExit(f"--only scale needs a format with uncompressed layers among {formats}")
         R["formats"], R["scenarios"] = [scale_fmt], scenarios[:1]
-        pairs = load_corpus(R["corpus"], args.tier, [scale_fmt], scenarios[:1], not args.no_build_corpus)
+        pairs = load_corpus(R["corpus"], args.tier, [scale_fmt], scenarios[:1], not args.no_build_corpus,
+                            tools)
     else:
-        pairs = load_corpus(R["corpus"], args.tier, formats, scenarios, not args.no_build_corpus)
+        pairs = load_corpus(R["corpus"], args.tier, formats, scenarios, not args.no_build_corpus, tools)
     for v1, v2 in pairs.values():
         for e in (v1, v2):
             e["path"] = os.path.join(R["corpus"], e["file"])
