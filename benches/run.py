@@ -48,10 +48,10 @@ APT = {
     "zstd": "zstd", "b3sum": "b3sum", "openssl": "openssl", "gzip": "gzip",
     "xdelta3": "xdelta3", "rsync": "rsync", "casync": "casync", "borg": "borgbackup",
     "restic": "restic", "gnuplot": "gnuplot-nox", "cargo": None, "bita": None,
-    "mmdebstrap": "mmdebstrap", "pigz": "pigz",
+    "mmdebstrap": "mmdebstrap", "pigz": "pigz", "skopeo": "skopeo",
 }
 # What ../shared/corpus/build_corpus.py runs, installed before it builds a missing corpus.
-CORPUS_TOOLS = ["mmdebstrap", "pigz"]
+CORPUS_TOOLS = ["mmdebstrap", "pigz", "skopeo"]
 LIMIT_TOOLS = ["zstd", "b3sum", "openssl"]
 PEER_TOOLS = ["zstd", "gzip", "xdelta3", "rsync", "casync", "borg", "restic", "bita"]
 # bita (crates.io) is not packaged by Debian: when missing, `cargo install --locked` builds this version into
