@@ -39,7 +39,7 @@ environment and stays in the foreground until Ctrl-C or SIGTERM, then stops the
 nodes (DIR keeps the logs; pass --rm to remove it).
 
 The garage binary: --bin, else $WHARF_GARAGE_BIN, else `garage` on PATH, else
-the CI cache (${WHARF_CI_CACHE:-~/.cache/wharf-ci}/garage-2.5.0/bin/garage).
+the CI cache (`.ci/garage.sh path`: ${WHARF_CI_CACHE:-~/.cache/wharf-ci}/garage-2.5.0/bin/garage).
 Python 3.11, standard library only.
 """
 
@@ -67,7 +67,17 @@ POLL = 0.1                # pause between two polls
 LOG_TAIL_LINES = 25       # lines of each node's log quoted in an error
 KEY_NAME = "wharf-test-key"
 READY_OBJECT = ".wharf-garage-ready"
-CI_GARAGE_VERSION = "2.5.0"   # .ci/run builds this one
+CI_GARAGE_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".ci", "garage.sh")
+
+
+def ci_garage(mode):
+    """`.ci/garage.sh path` (where CI keeps its build) or `build` (build it there first when missing):
+    the binary's path, or None when the script fails (its stderr, which says why, is passed through)."""
+    try:
+        p = subprocess.run([CI_GARAGE_SCRIPT, mode], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    except OSError:
+        return None
+    return p.stdout.strip() if p.returncode == 0 and p.stdout.strip() else None
 
 
 class GarageError(Exception):
@@ -107,9 +117,8 @@ class GarageCluster:
         p = shutil.which("garage")
         if p:
             return p
-        root = os.environ.get("WHARF_CI_CACHE") or os.path.expanduser("~/.cache/wharf-ci")
-        p = os.path.join(root, f"garage-{CI_GARAGE_VERSION}", "bin", "garage")
-        return p if os.access(p, os.X_OK) else None
+        p = ci_garage("path")
+        return p if p and os.access(p, os.X_OK) else None
 
     def version(self):
         try:

@@ -1229,33 +1229,16 @@ def garage_binary(arg):
 
 
 def build_garage():
-    """Builds the garage version .ci/run builds, with its recipe, into the same cache (so CI and this harness
-    build it once between them); returns the binary, or None (and says why) when the build fails. 8-11 minutes
-    on 2 cores, before any section is measured."""
-    from garage import CI_GARAGE_VERSION
-    root = os.path.join(os.environ.get("WHARF_CI_CACHE") or os.path.expanduser("~/.cache/wharf-ci"),
-                        f"garage-{CI_GARAGE_VERSION}")
+    """Builds the garage .ci/run builds, with its script (.ci/garage.sh), into the same cache, so CI and this
+    harness build it once between them: 8-11 minutes on 2 cores, before any section is measured. Found
+    afterwards by garage_binary(); when the build fails the section is recorded as skipped."""
+    from garage import ci_garage
     if not shutil.which("cargo"):
         log("garage: no binary and no cargo to build one")
-        return None
-    log(f"building garage {CI_GARAGE_VERSION} into {root} (cargo install, as .ci/run does; about 10 minutes on "
-        "2 cores, once)")
-    os.makedirs(os.path.dirname(root), exist_ok=True)
-    build = tempfile.mkdtemp(prefix="garage-build-", dir=os.path.dirname(root))
-    try:
-        # opt-level 1 and no debug info, as in .ci/run: half the compile time, fast enough for these clusters
-        p = subprocess.run(["cargo", "install", "garage", "--version", CI_GARAGE_VERSION, "--locked", "--quiet",
-                            "--no-default-features", "--features", "bundled-libs,lmdb", "--root", root],
-                           env=dict(os.environ, CARGO_TARGET_DIR=build, CARGO_PROFILE_RELEASE_OPT_LEVEL="1",
-                                    CARGO_PROFILE_RELEASE_DEBUG="false"),
-                           stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    finally:
-        rm(build)
-    exe = os.path.join(root, "bin", "garage")
-    if p.returncode != 0 or not os.access(exe, os.X_OK):
-        log(f"garage: cargo install failed: {p.stderr.strip()[-600:]}")
-        return None
-    return exe
+        return
+    log("building garage with .ci/garage.sh (cargo install, as .ci/run does; about 10 minutes on 2 cores, once)")
+    if not ci_garage("build"):
+        log("garage: .ci/garage.sh build failed (its output above says why)")
 
 
 def read_s3_stats(path):
@@ -3445,7 +3428,7 @@ def main():
     for c in ([] if partial else LIMIT_TOOLS + ["gnuplot"]) + (PEER_TOOLS if do_peers else []):
         tools.have(c)
     if do_garage and not args.no_garage and not garage_binary(args.garage) and tools.cargo_install:
-        build_garage()  # found afterwards by garage_binary() in the CI cache it builds into
+        build_garage()
 
     R = {"command": "python3 benches/run.py " + q(sys.argv[1:]) if sys.argv[1:] else "python3 benches/run.py",
          "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine_info(),
