@@ -318,8 +318,10 @@ struct DeltaArgs {
     /// Send every missing chunk whole. By default a chunk travels as a zstd delta against
     /// similar bytes the receiver already holds (the same file in the previous version of the
     /// layer, the same tar headers) whenever that is smaller; the receiver rebuilds it and
-    /// checks its hash. Deltas cost the sender CPU: on links faster than about 230-360 Mbit/s
-    /// (28-45 MB/s) a transfer without them usually finishes first (benches/RESULTS.md, break-even link).
+    /// checks its hash. Deltas cost CPU at both ends (the receiver about as much as the sender:
+    /// it rebuilds each chunk and compresses it for its store): on links faster than about
+    /// 230-330 Mbit/s (29-41 MB/s; both ends sharing two cores) a transfer without them usually finishes
+    /// first (benches/RESULTS.md, break-even link).
     #[arg(long)]
     no_deltas: bool,
     /// zstd level for deltas of file contents: higher finds smaller deltas at more CPU on the
