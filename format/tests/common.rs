@@ -4,7 +4,9 @@
 use sha2::Digest;
 use std::sync::Arc;
 use wharf_format::ingest::{self, AddOptions, AddReport};
+use wharf_format::recipe::LayerInfo;
 use wharf_format::store::{Store, StoreConfig};
+use wharf_format::synth::TarWriter;
 
 pub fn new_store() -> (tempfile::TempDir, Arc<Store>) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -68,4 +70,41 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     }
     v.truncate(len);
     v
+}
+
+/// An OCI-layout-like image tar holding each blob under its digest, plus a
+/// small manifest.
+pub fn image(blobs: &[&[u8]]) -> Vec<u8> {
+    let mut w = TarWriter::new(Vec::new());
+    let mut names = Vec::new();
+    for b in blobs {
+        let name = format!("blobs/sha256/{}", sha(b));
+        w.file(&name, 0o444, 0, b).unwrap();
+        names.push(name);
+    }
+    w.file("manifest.json", 0o644, 0, format!("{names:?}").as_bytes())
+        .unwrap();
+    w.finish().unwrap();
+    w.into_inner()
+}
+
+pub fn layers(store: &Arc<Store>, name: &str) -> Vec<LayerInfo> {
+    let r = store.require_ref(name).expect("ref");
+    wharf_format::extract::load_recipe(store, &r.recipe)
+        .expect("recipe")
+        .layers
+}
+
+/// Round-trips an image made of one (compressed) layer blob; returns how it
+/// was stored.
+pub fn round_trip_blob(store: &Arc<Store>, name: &str, blob: &[u8]) -> LayerInfo {
+    assert!(
+        blob.len() >= 64 << 10,
+        "{name}: blob too small to be a layer"
+    );
+    assert_round_trip(store, name, &image(&[blob]));
+    let l = layers(store, name);
+    assert_eq!(l.len(), 1, "{name}: one layer");
+    assert_eq!(l[0].sha256, sha(blob), "{name}: layer digest");
+    l[0].clone()
 }

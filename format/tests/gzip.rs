@@ -36,42 +36,6 @@ fn gzip_with(data: &[u8], level: u32) -> Vec<u8> {
     e.finish().unwrap()
 }
 
-/// An OCI-layout-like image tar holding `blob` under its digest, plus a
-/// small manifest.
-fn image(blobs: &[&[u8]]) -> Vec<u8> {
-    let mut w = TarWriter::new(Vec::new());
-    let mut names = Vec::new();
-    for b in blobs {
-        let name = format!("blobs/sha256/{}", sha(b));
-        w.file(&name, 0o444, 0, b).unwrap();
-        names.push(name);
-    }
-    w.file("manifest.json", 0o644, 0, format!("{names:?}").as_bytes())
-        .unwrap();
-    w.finish().unwrap();
-    w.into_inner()
-}
-
-fn layers(store: &Arc<Store>, name: &str) -> Vec<LayerInfo> {
-    let r = store.require_ref(name).expect("ref");
-    wharf_format::extract::load_recipe(store, &r.recipe)
-        .expect("recipe")
-        .layers
-}
-
-/// Round-trips an image made of one gzip blob; returns how it was stored.
-fn round_trip_blob(store: &Arc<Store>, name: &str, blob: &[u8]) -> LayerInfo {
-    assert!(
-        blob.len() >= 64 << 10,
-        "{name}: blob too small to be a layer"
-    );
-    assert_round_trip(store, name, &image(&[blob]));
-    let l = layers(store, name);
-    assert_eq!(l.len(), 1, "{name}: one layer");
-    assert_eq!(l[0].sha256, sha(blob), "{name}: layer digest");
-    l[0].clone()
-}
-
 fn assert_preflate(name: &str, l: &LayerInfo) {
     let c = l.compression.as_ref().expect("compression recorded");
     assert_eq!(
