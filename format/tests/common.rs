@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 use sha2::Digest;
+use std::io::Write;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use wharf_format::ingest::{self, AddOptions, AddReport};
 use wharf_format::recipe::LayerInfo;
@@ -107,4 +109,64 @@ pub fn round_trip_blob(store: &Arc<Store>, name: &str, blob: &[u8]) -> LayerInfo
     assert_eq!(l.len(), 1, "{name}: one layer");
     assert_eq!(l[0].sha256, sha(blob), "{name}: layer digest");
     l[0].clone()
+}
+
+/// A layer tar of `n` files of varied sizes, all with mtime `mtime`.
+pub fn layer(n: usize, mtime: u64, seed: u64) -> Vec<u8> {
+    let mut w = TarWriter::new(Vec::new());
+    for i in 0..n {
+        let size = 1_000 + (i * 7919) % 60_000;
+        w.file(
+            &format!("usr/lib/python3/pkg{}/mod{i}.py", i % 13),
+            0o644,
+            mtime,
+            &file_bytes(size, seed + i as u64),
+        )
+        .unwrap();
+    }
+    w.finish().unwrap();
+    w.into_inner()
+}
+
+/// Checks that a compressed layer of `format` was stored as it is (not by
+/// its plaintext), for a reason containing `why`.
+pub fn assert_raw_because(name: &str, l: &LayerInfo, format: &str, why: &str) {
+    let c = l.compression.as_ref().expect("compression recorded");
+    assert_eq!(
+        (l.kind.as_str(), c.format.as_str(), c.method.as_str()),
+        ("raw", format, "raw"),
+        "{name}: stored as {l:?}"
+    );
+    let reason = c.reason.as_deref().unwrap_or("");
+    assert!(
+        reason.contains(why),
+        "{name}: reason {reason:?}, expected {why:?}"
+    );
+}
+
+/// Whether `tool --version` runs.
+pub fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs `tool args` with `input` on stdin; its stdout.
+pub fn pipe(tool: &str, args: &[&str], input: &[u8]) -> Vec<u8> {
+    let mut child = Command::new(tool)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let data = input.to_vec();
+    let feeder = std::thread::spawn(move || stdin.write_all(&data));
+    let out = child.wait_with_output().expect("wait");
+    feeder.join().unwrap().expect("write stdin");
+    assert!(out.status.success(), "{tool} {args:?} failed");
+    out.stdout
 }
