@@ -23,6 +23,10 @@ pub const MAX_BASE_IMAGES: usize = 2;
 const RESUME_SAMPLE: usize = 64;
 /// Chunks encoded per parallel batch.
 const ENCODE_BATCH: usize = 512;
+/// Content chunks per delta frame, about: 4 MiB at the default 16 KiB
+/// average, so that on a push of some tens of MB of changes both ends work
+/// at once for most of it (see `encode_chunks`).
+const GROUP_CHUNKS: usize = 256;
 
 /// How a transfer treats deltas.
 #[derive(Clone, Copy, Debug)]
@@ -495,28 +499,48 @@ pub fn encode_chunks(
     if planner.is_none() && !out.debug {
         return encode_plain(store, ids, frame_bytes, rep, emit);
     }
-    // Objects (nodes, list pieces) go last, so that their deltas can name
-    // the chunks sent before them in the same frame instead of spelling
-    // their ids; and in waves, each after the objects it names (a node
-    // after its lists' pieces, a piece after the pieces below it), since a
-    // batch is encoded at once against what was sent before it.
+    // Objects (nodes, list pieces) go after the chunks they name, so that
+    // their deltas can name those sent before them in the same frame
+    // instead of spelling their ids; and in waves, each after the objects
+    // it names (a node after its lists' pieces, a piece after the pieces
+    // below it), since a batch is encoded at once against what was sent
+    // before it. The content goes in groups, each closed by the first wave
+    // of objects that name it (the leaf pieces) and sent as a frame of its
+    // own: the receiver rebuilds one frame while the next is encoded,
+    // where one frame for the whole push kept each end waiting on the
+    // other. The upper waves name few ids and follow the last group.
     let (objects, content): (Vec<ChunkId>, Vec<ChunkId>) = ids
         .iter()
         .partition(|id| planner.is_some_and(|p| p.is_object(id)));
-    let waves = match planner {
+    let mut waves = match planner {
         Some(p) if !objects.is_empty() => p.object_waves(&objects)?,
-        _ => vec![objects],
+        _ => Vec::new(),
     };
-    let lists = std::iter::once((&content, false)).chain(waves.iter().map(|w| (w, true)));
-    for (list, last) in lists {
-        for batch in list.chunks(ENCODE_BATCH) {
-            if last && out.delta_bytes >= frame_bytes {
-                out.flush_deltas(rep, emit)?;
-            }
+    let groups = match planner {
+        Some(p) if !waves.is_empty() => {
+            let leaves = waves.remove(0);
+            p.leaf_groups(&content, &leaves, GROUP_CHUNKS)?
+        }
+        _ => vec![(content.len(), Vec::new())],
+    };
+    let mut start = 0;
+    let last_group = groups.len() - 1;
+    for (g, (end, leaves)) in groups.into_iter().enumerate() {
+        // Content may still be cut at `frame_bytes` (a frame has a size
+        // limit; the leaves then spell the ids of what went before).
+        for batch in content[start..end].chunks(ENCODE_BATCH) {
             for u in encode_units(store, planner, batch, &out.sent)? {
-                out.add(u, planner, rep, emit, !last)?;
+                out.add(u, planner, rep, emit, true)?;
             }
         }
+        start = end;
+        out.add_objects(store, planner, &leaves, rep, emit)?;
+        if g < last_group {
+            out.flush_deltas(rep, emit)?;
+        }
+    }
+    for wave in &waves {
+        out.add_objects(store, planner, wave, rep, emit)?;
     }
     if !out.plain.is_empty() {
         emit(Kind::Put, std::mem::take(&mut out.plain), rep)?;
@@ -580,6 +604,27 @@ impl Outgoing {
         rep.delta_bytes += f.len() as u64;
         rep.payload_bytes += f.len() as u64;
         emit(Kind::PutDelta, f, rep)
+    }
+
+    /// Encodes and adds objects that may name chunks sent before them in
+    /// the frame: never cut from those, unless the frame is full.
+    fn add_objects(
+        &mut self,
+        store: &Store,
+        planner: Option<&DeltaPlanner>,
+        objects: &[ChunkId],
+        rep: &mut TransferReport,
+        emit: &mut Emit<'_>,
+    ) -> Result<()> {
+        for batch in objects.chunks(ENCODE_BATCH) {
+            if self.delta_bytes >= self.frame_bytes {
+                self.flush_deltas(rep, emit)?;
+            }
+            for u in encode_units(store, planner, batch, &self.sent)? {
+                self.add(u, planner, rep, emit, false)?;
+            }
+        }
+        Ok(())
     }
 
     /// Adds one unit; `may_cut`: whether the delta frame may be sent now

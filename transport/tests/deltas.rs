@@ -1453,3 +1453,75 @@ fn changes_deep_in_a_long_list_are_found_and_sent_as_small_deltas() {
     assert_extracts(&dst, "app:v2", &w.into_inner());
     assert_verifies(&dst);
 }
+
+#[test]
+fn many_changed_chunks_go_in_several_frames_each_closed_by_the_pieces_naming_them() {
+    // 1000 changes over a 12 MiB file of 256-byte chunks: about as many
+    // changed chunks, named by leaf pieces of a list of two levels or more.
+    let changes = 1000;
+    let (d, src, _, _) = deep_lists(changes);
+    let dst = store(&d, "dst");
+    let (a, server) = spawn_server(&dst);
+    let mut client = Client::connect(a.try_clone().unwrap(), a, "push").unwrap();
+    client
+        .push(&src, "app:v1", "app:v1", NO_DELTAS, &|_| {})
+        .unwrap();
+    drop(client);
+    server.join().unwrap().unwrap();
+
+    let mut b = Vec::new();
+    let have = vec!["app:v1".to_string()];
+    let rep = bundle::write_bundle(
+        &src,
+        "app:v2",
+        &have,
+        &HashSet::new(),
+        DeltaOptions::default(),
+        &mut b,
+    )
+    .unwrap();
+    assert!(rep.delta_chunks as usize >= changes / 2, "{rep:?}");
+    // One frame for all of it would keep the receiver idle until the
+    // sender is done: the deltas are far below a frame's 8 MiB, so only
+    // the grouping cuts them.
+    let mut per_frame: Vec<Vec<WireDelta>> = Vec::new();
+    for (off, kind, len) in frames(&b[8..]) {
+        if kind == PUT_DELTA {
+            per_frame.push(delta::decode_frame(&b[8 + off..8 + off + len]).unwrap());
+        }
+    }
+    assert!(
+        per_frame.len() >= 3,
+        "{} delta frames for {} chunks as deltas",
+        per_frame.len(),
+        rep.delta_chunks
+    );
+    // In every frame, pieces name the chunks sent before them in it.
+    for (i, deltas) in per_frame.iter().enumerate() {
+        let sent_based = deltas
+            .iter()
+            .filter(|d| d.bases.iter().any(|b| matches!(b, BaseRef::Sent { .. })))
+            .count();
+        assert!(
+            sent_based > 0,
+            "frame {i} of {}: none of its {} deltas names chunks sent in it",
+            per_frame.len(),
+            deltas.len()
+        );
+    }
+    assert_eq!(
+        bundle::read_bundle(&dst, &mut &b[..]).unwrap(),
+        vec!["app:v2".to_string()]
+    );
+    let mut w = TarWriter::new(Vec::new());
+    let mut rng = Rng(0xdee9);
+    let mut data = rng.bytes(12 << 20);
+    for _ in 0..changes {
+        let at = rng.below(data.len() as u64 - 4) as usize;
+        data[at..at + 4].copy_from_slice(&rng.bytes(4));
+    }
+    w.file("big.bin", 0o644, T1, &data).unwrap();
+    w.finish().unwrap();
+    assert_extracts(&dst, "app:v2", &w.into_inner());
+    assert_verifies(&dst);
+}
