@@ -547,6 +547,16 @@ class Wharf:
         r["report"] = json.loads(r.pop("out"))
         return r
 
+    def push_split(self, store, name, dest, stand_in, extra=()):
+        """`push` as between two machines of one core each: the sender runs on core 0 and reaches DEST
+        through `ssh://`, with $WHARF_SSH set to `stand_in` (SPLIT_SSH), which runs the receiving
+        `wharf serve --stdio` here, on core 1. Wall time and peak RSS cover both ends, as in `push`."""
+        r = measure(["taskset", "-c", "0", self.exe, "--quiet", "--store", store, "push", name,
+                     "ssh://bench" + os.path.abspath(dest), "--json", *extra], stdout="capture",
+                    env={"WHARF_SSH": stand_in, "WHARF_REMOTE_BIN": self.exe}, exact=self.exact)
+        r["report"] = json.loads(r.pop("out"))
+        return r
+
     def bundle(self, store, name, have, out, extra=()):
         r = measure([self.exe, "--quiet", "--store", store, "bundle", name, "--have", have, "-o", out, "--json",
                      *extra], stdout="capture", exact=self.exact)
@@ -568,6 +578,28 @@ class Wharf:
 
 PUSH_KEYS = ("chunks_total", "chunks_sent", "chunks_skipped", "layers_skipped", "payload_bytes", "delta_chunks",
              "delta_bytes", "delta_raw_bytes", "delta_instead_of", "wire_bytes_out", "wire_bytes_in", "seconds")
+
+
+# A stand-in for ssh (as $WHARF_SSH) that runs the remote command on this machine, pinned to core 1: with the
+# sender pinned to core 0, a push then runs as between two machines of one core each (Wharf.push_split).
+SPLIT_SSH = """#!/bin/sh
+# called as: [options] -- HOST COMMAND
+while [ "$#" -gt 0 ] && [ "$1" != "--" ]; do shift; done
+shift 2
+exec taskset -c 1 sh -c "$1"
+"""
+
+
+def split_stand_in(work):
+    """Writes SPLIT_SSH into `work` and returns its path, or None where the split cannot be made (fewer than 2
+    cores, or no taskset)."""
+    if (os.cpu_count() or 1) < 2 or not shutil.which("taskset"):
+        return None
+    path = os.path.join(work, "split-ssh")
+    with open(path, "w") as f:
+        f.write(SPLIT_SSH)
+    os.chmod(path, 0o755)
+    return path
 
 
 def bench_transfer(wh, sender, recv_base, v2, work):
@@ -592,9 +624,11 @@ def bench_transfer(wh, sender, recv_base, v2, work):
         rm(out)
         return ex, ok
 
-    def push(extra):
+    stand_in = split_stand_in(work)
+
+    def push(extra, split=False):
         before = receiver()
-        p = wh.push(sender, "v2", rcv, extra)
+        p = wh.push_split(sender, "v2", rcv, stand_in, extra) if split else wh.push(sender, "v2", rcv, extra)
         rep = p["report"]
         growth = tree_bytes(rcv) - before
         ex, ok = rebuild()
@@ -602,7 +636,8 @@ def bench_transfer(wh, sender, recv_base, v2, work):
             "bytes": rep["wire_bytes_out"] + rep["wire_bytes_in"], "secs": p["secs"], "cpu": p["cpu"],
             "rss_kb": p["rss_kb"], "receiver_growth": growth, "rebuild_secs": ex["secs"],
             "rebuild_rss_kb": ex["rss_kb"], "identical": ok}
-        log(f"  push{' --no-deltas' if extra else ''}: {r['bytes'] / 1e6:.3f} MB on the pipe, "
+        log(f"  push{' --no-deltas' if extra else ''}{', one core each end' if split else ''}: "
+            f"{r['bytes'] / 1e6:.3f} MB on the pipe, "
             f"{p['secs']:.2f} s, {rep.get('delta_chunks', 0)} of {rep.get('chunks_sent')} chunks as deltas; "
             f"receiver rebuild byte-identical: {ok}")
         return r
@@ -625,8 +660,11 @@ def bench_transfer(wh, sender, recv_base, v2, work):
             "unbundle_rss_kb": u["rss_kb"], "receiver_growth": growth, "rebuild_secs": ex["secs"],
             "rebuild_rss_kb": ex["rss_kb"], "identical": ok}
 
-    for key, fn in (("push", lambda: push(())), ("push_nodelta", lambda: push(("--no-deltas",))),
-                    ("bundle", bundle)):
+    runs = [("push", lambda: push(())), ("push_nodelta", lambda: push(("--no-deltas",))), ("bundle", bundle)]
+    if stand_in:
+        runs += [("push_split", lambda: push((), True)),
+                 ("push_split_nodelta", lambda: push(("--no-deltas",), True))]
+    for key, fn in runs:
         try:
             res[key] = fn()
         except (Failed, ValueError, KeyError, OSError) as e:  # a failing transfer must not end the run
@@ -2208,6 +2246,8 @@ def report(R, out_md, png):
             a("wharf --quiet --store R1 init; wharf --quiet --store S1 push v1 R1 --json     # S1 = the store holding v1 only")
             a("wharf --quiet --store S push v2 R --json                 # timed; bytes = wire_bytes_out + wire_bytes_in")
             a("wharf --quiet --store S push v2 R --json --no-deltas     # timed; same")
+            a("WHARF_SSH=split-ssh taskset -c 0 wharf --quiet --store S push v2 ssh://bench/R --json [--no-deltas]"
+              "   # timed; into two more copies of R: split-ssh runs `wharf serve --stdio` here on core 1")
             a("wharf --quiet --store S bundle v2 --have v1 -o F --json  # timed; bytes = size of F")
             a("wharf --quiet --store R unbundle F --json                # timed")
             a("wharf --quiet --store R extract v2 -o OUT                # on each receiver: rebuild s; sha256(OUT) vs corpus.json")
@@ -2359,6 +2399,28 @@ def transfer_section(R, a):
           f"{sec(b.get('rebuild_secs'))} | {yes(d.get('identical'))} / {yes(n.get('identical'))} / "
           f"{yes(b.get('identical'))} |")
     a("")
+    if any(good(p["transfer"].get("push_split")) for p in prs):
+        a("The same pushes as between two machines of one core each: the sender pinned to core 0 (`taskset -c 0`) "
+          "and the receiver reached as `ssh://bench/RECEIVER` with `$WHARF_SSH` set to a stand-in (`SPLIT_SSH` in "
+          "run.py) that runs its `wharf serve --stdio` here on core 1, so the two ends no longer share the cores "
+          "(one run each; the receiver rebuilds v2 byte-identically as above, checked again). Deltas are sent in "
+          "frames of about 256 content chunks, so the receiver rebuilds one while the sender encodes the next.")
+        a("")
+        a("| format | scenario | push s, deltas | push s, no deltas | ratio | break-even link MB/s | MB, deltas | "
+          "byte-identical |")
+        a("|---|---|---:|---:|---:|---:|---:|---|")
+        for p in prs:
+            t = p["transfer"]
+            d, n = good(t.get("push_split")), good(t.get("push_split_nodelta"))
+            if not d or not n:
+                continue
+            ratio = d["secs"] / max(n["secs"], 1e-6)
+            rr = f"{ratio:.1f}x" if ratio <= PUSH_TIME_RATIO else f"**{ratio:.1f}x**"
+            extra = d["secs"] - n["secs"]
+            even = "any" if extra <= 0 else f"{(n['bytes'] - d['bytes']) / extra / 1e6:.1f}"
+            a(f"| {p['format']} | {p['scenario']} | {sec(d['secs'])} | {sec(n['secs'])} | {rr} | {even} | "
+              f"{mb(d['bytes'])} | {yes(d.get('identical'))} / {yes(n.get('identical'))} |")
+        a("")
     for p in prs:
         for k, t in p["transfer"].items():
             if "error" in t:
