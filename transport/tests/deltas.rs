@@ -803,6 +803,24 @@ fn objects_come_after_the_objects_they_name() {
     );
 }
 
+/// The two images of [`deep_lists`]: a tar of one 12 MiB file of random
+/// bytes, and the same with `changes` 4-byte changes at random places.
+fn deep_list_tars(changes: usize) -> [Vec<u8>; 2] {
+    let mut rng = Rng(0xdee9);
+    let v1 = rng.bytes(12 << 20);
+    let mut v2 = v1.clone();
+    for _ in 0..changes {
+        let at = rng.below(v2.len() as u64 - 4) as usize;
+        v2[at..at + 4].copy_from_slice(&rng.bytes(4));
+    }
+    [v1, v2].map(|data| {
+        let mut w = TarWriter::new(Vec::new());
+        w.file("big.bin", 0o644, T1, &data).unwrap();
+        w.finish().unwrap();
+        w.into_inner()
+    })
+}
+
 /// The planner pairs only what changed: a layer both images share is held
 /// by the receiver whole, so nothing of it is read or planned (on a
 /// multi-GB image that was most of the planner's time).
@@ -1317,19 +1335,9 @@ fn deep_lists(changes: usize) -> (tempfile::TempDir, Arc<Store>, ChunkId, ChunkI
         ..StoreConfig::default()
     };
     let s = Arc::new(Store::init(&d.path().join("tiny"), cfg).unwrap());
-    let mut rng = Rng(0xdee9);
-    let v1 = rng.bytes(12 << 20);
-    let mut v2 = v1.clone();
-    for _ in 0..changes {
-        let at = rng.below(v2.len() as u64 - 4) as usize;
-        v2[at..at + 4].copy_from_slice(&rng.bytes(4));
-    }
-    for (name, data) in [("app:v1", &v1), ("app:v2", &v2)] {
-        let mut w = TarWriter::new(Vec::new());
-        w.file("big.bin", 0o644, T1, data).unwrap();
-        w.finish().unwrap();
-        add(&s, name, &w.into_inner());
-    }
+    let [v1, v2] = deep_list_tars(changes);
+    add(&s, "app:v1", &v1);
+    add(&s, "app:v2", &v2);
     let v1 = s.require_ref("app:v1").unwrap().recipe;
     let v2 = s.require_ref("app:v2").unwrap().recipe;
     (d, s, v1, v2)
@@ -1441,16 +1449,7 @@ fn changes_deep_in_a_long_list_are_found_and_sent_as_small_deltas() {
     // base at a wrong offset would leave the random bytes to be sent whole.
     assert!(rep.delta_chunks + 1 >= rep.chunks_sent, "{rep:?}");
     assert!(rep.delta_bytes * 6 < rep.delta_instead_of, "{rep:?}");
-    let mut w = TarWriter::new(Vec::new());
-    let mut rng = Rng(0xdee9);
-    let mut data = rng.bytes(12 << 20);
-    for _ in 0..changes {
-        let at = rng.below(data.len() as u64 - 4) as usize;
-        data[at..at + 4].copy_from_slice(&rng.bytes(4));
-    }
-    w.file("big.bin", 0o644, T1, &data).unwrap();
-    w.finish().unwrap();
-    assert_extracts(&dst, "app:v2", &w.into_inner());
+    assert_extracts(&dst, "app:v2", &deep_list_tars(changes)[1]);
     assert_verifies(&dst);
 }
 
@@ -1513,15 +1512,6 @@ fn many_changed_chunks_go_in_several_frames_each_closed_by_the_pieces_naming_the
         bundle::read_bundle(&dst, &mut &b[..]).unwrap(),
         vec!["app:v2".to_string()]
     );
-    let mut w = TarWriter::new(Vec::new());
-    let mut rng = Rng(0xdee9);
-    let mut data = rng.bytes(12 << 20);
-    for _ in 0..changes {
-        let at = rng.below(data.len() as u64 - 4) as usize;
-        data[at..at + 4].copy_from_slice(&rng.bytes(4));
-    }
-    w.file("big.bin", 0o644, T1, &data).unwrap();
-    w.finish().unwrap();
-    assert_extracts(&dst, "app:v2", &w.into_inner());
+    assert_extracts(&dst, "app:v2", &deep_list_tars(changes)[1]);
     assert_verifies(&dst);
 }
