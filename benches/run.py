@@ -2346,6 +2346,19 @@ DELTA_PEERS = ["xdelta3", "zstd --patch-from -3", "zstd --patch-from -19"]
 PUSH_TIME_RATIO = 1.5   # issue 7: a push with deltas stays within 1.5x the time of a push without
 
 
+def time_ratio_cells(d, n):
+    """The *ratio* (push with deltas / without, bold past issue 7's target) and *break-even link* (MB/s) cells
+    of a push with deltas `d` and one without `n`; "–" for what a failed run leaves unknown."""
+    if not d or not n:
+        return "–", "–"
+    ratio = d["secs"] / max(n["secs"], 1e-6)
+    rr = f"{ratio:.1f}x" if ratio <= PUSH_TIME_RATIO else f"**{ratio:.1f}x**"
+    if d.get("bytes") is None or n.get("bytes") is None:
+        return rr, "–"
+    extra = d["secs"] - n["secs"]
+    return rr, ("any" if extra <= 0 else f"{(n['bytes'] - d['bytes']) / extra / 1e6:.1f}")
+
+
 def transfer_section(R, a):
     prs = [p for p in R.get("pairs", []) if p.get("transfer")]
     if not prs:
@@ -2386,13 +2399,7 @@ def transfer_section(R, a):
     for p in prs:
         t = p["transfer"]
         d, n, b = good(t.get("push")), good(t.get("push_nodelta")), good(t.get("bundle"))
-        ratio = d["secs"] / max(n["secs"], 1e-6) if d and n else None
-        rr = "–" if ratio is None else (f"{ratio:.1f}x" if ratio <= PUSH_TIME_RATIO else f"**{ratio:.1f}x**")
-        even = "–"
-        if d and n and d.get("bytes") is not None and n.get("bytes") is not None:
-            extra = d["secs"] - n["secs"]
-            saved = n["bytes"] - d["bytes"]
-            even = "any" if extra <= 0 else f"{saved / extra / 1e6:.1f}"
+        rr, even = time_ratio_cells(d, n)
         a(f"| {p['format']} | {p['scenario']} | {sec(d.get('secs'))} | {sec(n.get('secs'))} | {rr} | {even} | "
           f"{rssmb(d.get('rss_kb'), n.get('rss_kb'))} | {sec(b.get('secs'))} | {rssmb(b.get('rss_kb'))} | "
           f"{sec(b.get('unbundle_secs'))} | {sec(d.get('rebuild_secs'))} / {sec(n.get('rebuild_secs'))} / "
@@ -2414,10 +2421,7 @@ def transfer_section(R, a):
             d, n = good(t.get("push_split")), good(t.get("push_split_nodelta"))
             if not d or not n:
                 continue
-            ratio = d["secs"] / max(n["secs"], 1e-6)
-            rr = f"{ratio:.1f}x" if ratio <= PUSH_TIME_RATIO else f"**{ratio:.1f}x**"
-            extra = d["secs"] - n["secs"]
-            even = "any" if extra <= 0 else f"{(n['bytes'] - d['bytes']) / extra / 1e6:.1f}"
+            rr, even = time_ratio_cells(d, n)
             a(f"| {p['format']} | {p['scenario']} | {sec(d['secs'])} | {sec(n['secs'])} | {rr} | {even} | "
               f"{mb(d['bytes'])} | {yes(d.get('identical'))} / {yes(n.get('identical'))} |")
         a("")
