@@ -644,6 +644,10 @@ impl ChunkWriter {
         let (wtx, wrx) = bounded::<ToWriter>(threads * 16);
         let level = store.config.zstd_level;
         let failure: Arc<Mutex<Option<Error>>> = Arc::new(Mutex::new(None));
+        // Each pipeline thread only borrows the receiving end of its queue,
+        // which its closure owns: the queue closes after the thread's error
+        // is on record in `failure`, so a `put` that finds it closed reports
+        // that error (a full disk) rather than "stopped unexpectedly".
         let mut workers = Vec::new();
         for _ in 0..threads {
             let crx = crx.clone();
@@ -652,7 +656,7 @@ impl ChunkWriter {
             workers.push(std::thread::spawn(move || -> Result<()> {
                 let run = || -> Result<()> {
                     let mut c = zstd::bulk::Compressor::new(level)?;
-                    for (id, raw) in crx {
+                    for (id, raw) in crx.iter() {
                         let z = c.compress(&raw)?;
                         if wtx.send(ToWriter::Chunk(id, raw.len() as u32, z)).is_err() {
                             break;
@@ -673,7 +677,7 @@ impl ChunkWriter {
             let failure = failure.clone();
             let wtx = wtx.clone();
             std::thread::spawn(move || {
-                remember_failure(verify_received(store, vrx, wtx, pending, stats), &failure)
+                remember_failure(verify_received(store, &vrx, wtx, pending, stats), &failure)
             })
         };
         let writer = {
@@ -683,7 +687,7 @@ impl ChunkWriter {
             let failure = failure.clone();
             std::thread::spawn(move || {
                 remember_failure(
-                    write_packs(store, wrx, pending, stats, pack_target),
+                    write_packs(store, &wrx, pending, stats, pack_target),
                     &failure,
                 )
             })
@@ -952,14 +956,14 @@ fn check_received(id: &ChunkId, raw_len: u32, stored: &[u8]) -> Result<()> {
 /// bad one passed on to the pack writer.
 fn verify_received(
     store: Arc<Store>,
-    rx: Receiver<Received>,
+    rx: &Receiver<Received>,
     tx: Sender<ToWriter>,
     pending: Arc<Mutex<HashSet<ChunkId>>>,
     stats: Arc<WriteStats>,
 ) -> Result<()> {
     use rayon::prelude::*;
     let queued = |id: &ChunkId| pending.lock().map(|p| p.contains(id)).unwrap_or(false);
-    for (buf, entries, lease) in rx {
+    for (buf, entries, lease) in rx.iter() {
         // Ok(true): verified and new; Ok(false): already here, not read.
         let checked: Vec<Result<bool>> = entries
             .par_iter()
@@ -1069,7 +1073,7 @@ fn write_entries(
 
 fn write_packs(
     store: Arc<Store>,
-    rx: Receiver<ToWriter>,
+    rx: &Receiver<ToWriter>,
     pending: Arc<Mutex<HashSet<ChunkId>>>,
     stats: Arc<WriteStats>,
     pack_target: u64,
@@ -1115,7 +1119,7 @@ fn write_packs(
             Ok(())
         };
     let written: Result<()> = (|| {
-        for msg in rx {
+        for msg in rx.iter() {
             let (id, raw_len, z) = match msg {
                 ToWriter::Chunk(id, raw_len, z) => (id, raw_len, z),
                 ToWriter::Entries(buf, entries, _lease) => {
